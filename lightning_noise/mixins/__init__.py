@@ -1,0 +1,5 @@
+"""LightningModule mixins: per-sample loss reduction (and, later, co-teaching)."""
+
+from lightning_noise.mixins.per_sample import PerSampleLossMixin
+
+__all__ = ["PerSampleLossMixin"]

@@ -1,0 +1,265 @@
+"""ImageClassifier: a LightningModule on any timm backbone, with per-sample losses."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from lightning_noise.mixins.per_sample import PerSampleLossMixin
+from lightning_noise.types import SampleBatch
+
+__all__ = ["ImageClassifier", "create_backbone"]
+
+OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
+
+
+def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
+    """Build a randomly initialised timm model, with a clear error for unknown names.
+
+    Pretrained weights are never downloaded (``pretrained=False``): this library runs
+    offline. Extra ``kwargs`` go to ``timm.create_model`` (``drop_rate``, ``img_size``, ...).
+
+    Example:
+        >>> net = create_backbone("resnet18", num_classes=10, in_chans=1)
+        >>> net(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ValueError(
+            f"timm does not know a backbone named {name!r}{hint} "
+            "(list them with `timm.list_models('*resnet*')`)"
+        )
+    if kwargs.pop("pretrained", False):
+        raise ValueError(
+            "pretrained weights cannot be downloaded here; load your own weights with "
+            "`pretrained_cfg_overlay=dict(file=...)` in backbone_kwargs, or train from scratch"
+        )
+    return timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
+    )
+
+
+class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
+    """Image classification on a timm backbone, ready for noisy-label methods.
+
+    The criterion runs with ``reduction="none"``; the per-sample losses are reduced through
+    :class:`~lightning_noise.mixins.PerSampleLossMixin` (so sample-selection callbacks plug
+    in) and ``training_step`` returns ``{"loss", "per_sample_loss", "logits", "target",
+    "index"}`` for observing callbacks such as
+    :class:`~lightning_noise.dynamics.TrainingDynamics`.
+
+    Training batches are ``(input, target, index)``; validation and test batches
+    ``(input, target)`` (a trailing index is ignored). Logged metrics: ``train/loss``,
+    ``train/acc`` (against the given labels), ``val/acc``, ``val/ece``, ``val/loss``,
+    ``test/acc``, ``test/ece``, ``test/loss``; when the training set has a ``noise_mask``
+    (synthetic or human label noise), the memorisation curve: ``train/acc_clean_labels``
+    and ``train/acc_noisy_labels`` (accuracy against the given label on clean-labelled
+    and on noisy-labelled samples) and ``train/recovered_noisy`` (how often a noisy-labelled
+    sample is predicted as its true class). Clean labels are read only for these metrics.
+
+    Args:
+        backbone: a timm model name, e.g. ``"resnet18"``.
+        num_classes: number of classes (LightningCLI links it from the DataModule).
+        in_chans: input channels (linked from the DataModule).
+        backbone_kwargs: extra keyword arguments for ``timm.create_model``.
+        criterion: a loss module called as ``criterion(logits, target)``; its ``reduction``
+            is set to ``"none"``. It must return one loss per sample. Default cross-entropy.
+        optimizer: a callable from parameters to an optimizer. Default ``AdamW(lr=1e-3)``.
+        scheduler: an optional callable from the optimizer to an LR scheduler, stepped
+            every epoch.
+        ece_bins: number of bins of the expected calibration error.
+
+    Example:
+        >>> model = ImageClassifier("resnet18", num_classes=10, in_chans=1)
+        >>> model(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        backbone_kwargs: dict[str, Any] | None = None,
+        criterion: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        ece_bins: int = 15,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        if ece_bins < 1:
+            raise ValueError(f"ece_bins must be >= 1, got {ece_bins}")
+        self.save_hyperparameters(ignore=["criterion", "optimizer", "scheduler"])
+        self.backbone = create_backbone(
+            backbone, num_classes=num_classes, in_chans=in_chans, **(backbone_kwargs or {})
+        )
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        if hasattr(self.criterion, "reduction"):
+            self.criterion.reduction = "none"
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.num_classes = num_classes
+
+        def acc() -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+        def ece() -> MulticlassCalibrationError:
+            return MulticlassCalibrationError(num_classes=num_classes, n_bins=ece_bins)
+
+        self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
+        self.val_ece, self.test_ece = ece(), ece()
+        self.train_acc_clean = MeanMetric()
+        self.train_acc_noisy = MeanMetric()
+        self.train_recovered = MeanMetric()
+        # Filled in on_train_start from the training set (not checkpointed: it is data).
+        self.register_buffer("noise_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.register_buffer("clean_targets", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def per_sample_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The criterion's ``[B]`` per-sample losses (checked to be per-sample)."""
+        losses = self.criterion(logits, target)
+        if losses.dim() != 1 or losses.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"criterion {type(self.criterion).__name__} returned shape "
+                f"{tuple(losses.shape)}; it must return one loss per sample "
+                "(give it a `reduction` argument that accepts 'none')"
+            )
+        return losses
+
+    # ----------------------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        mask = getattr(dataset, "noise_mask", None)
+        clean = getattr(dataset, "clean_targets", None)
+        if mask is None and self.trainer.datamodule is not None:
+            mask = getattr(self.trainer.datamodule, "noise_mask", None)
+            clean = getattr(self.trainer.datamodule, "clean_targets", None)
+        if mask is not None:
+            self.noise_mask = torch.as_tensor(mask, dtype=torch.bool, device=self.device)
+        if clean is not None:
+            self.clean_targets = torch.as_tensor(clean, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _unpack_train(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        if not isinstance(batch, list | tuple) or len(batch) != 3:
+            got = f"{len(batch)} items" if isinstance(batch, list | tuple) else type(batch)
+            raise ValueError(
+                f"training batches must be (input, target, index), got {got}; wrap the "
+                "training set in lightning_noise.data.NoisyLabels(dataset, rate=0.0) to add "
+                "sample indices"
+            )
+        return batch[0], batch[1], batch[2]
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        x, target, index = self._unpack_train(batch)
+        logits = self(x)
+        losses = self.per_sample_loss(logits, target)
+        sample_batch = SampleBatch.create(index, target, logits, losses)
+        loss = self.reduce_loss(losses, sample_batch)
+
+        n = len(sample_batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.train_acc(sample_batch.logits, sample_batch.target)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        self._update_memorisation(sample_batch)
+        return self.step_outputs(loss, sample_batch)
+
+    def _update_memorisation(self, batch: SampleBatch) -> None:
+        if self.noise_mask.numel() == 0:
+            return
+        if int(batch.index.max()) >= self.noise_mask.numel():
+            raise ValueError(
+                f"sample index {int(batch.index.max())} is outside the training set's noise "
+                f"mask of {self.noise_mask.numel()} samples; indices must be positions in "
+                "the training set"
+            )
+        noisy = self.noise_mask[batch.index]
+        correct = batch.correct.float()
+        clean_w, noisy_w = (~noisy).float(), noisy.float()
+        # MeanMetric with weights: the epoch value is sum(correct*w)/sum(w) over all ranks.
+        self.train_acc_clean.update(correct, clean_w)
+        self.train_acc_noisy.update(correct, noisy_w)
+        if self.clean_targets.numel():
+            recovered = (batch.logits.argmax(1) == self.clean_targets[batch.index]).float()
+            self.train_recovered.update(recovered, noisy_w)
+
+    def on_train_epoch_end(self) -> None:
+        if self.noise_mask.numel() == 0:
+            return
+        for name, metric in (
+            ("train/acc_clean_labels", self.train_acc_clean),
+            ("train/acc_noisy_labels", self.train_acc_noisy),
+            ("train/recovered_noisy", self.train_recovered),
+        ):
+            if metric.update_count:
+                value = metric.compute()
+                if torch.isfinite(value):  # nan when e.g. no noisy sample was seen
+                    self.log(name, value)
+            metric.reset()
+
+    # --------------------------------------------------------------------- validation, test
+    @staticmethod
+    def _unpack_eval(batch: Any) -> tuple[Tensor, Tensor]:
+        if not isinstance(batch, list | tuple) or len(batch) not in (2, 3):
+            raise ValueError(
+                "validation/test batches must be (input, target) or (input, target, index)"
+            )
+        return batch[0], batch[1]
+
+    def _eval_step(self, batch: Any, stage: str) -> Tensor:
+        x, target = self._unpack_eval(batch)
+        logits = self(x)
+        loss = self.per_sample_loss(logits, target).mean()
+        if stage == "val":
+            acc, ece = self.val_acc, self.val_ece
+        else:
+            acc, ece = self.test_acc, self.test_ece
+        acc(logits, target)
+        ece(logits.float().softmax(dim=1), target)
+        n = target.shape[0]
+        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", batch_size=n)
+        self.log(f"{stage}/ece", ece, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).softmax(dim=1)
+
+    # ---------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        else:
+            optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
