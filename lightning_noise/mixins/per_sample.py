@@ -87,7 +87,9 @@ class PerSampleLossMixin:
         weights = weights.to(losses.dtype)
         kept = (weights > 0).float().mean()
         log = getattr(self, "log", None)
-        if callable(log) and getattr(self, "_trainer", None) is not None:
+        trainer = getattr(self, "_trainer", None)
+        # Log only inside a running training loop (self.log raises outside one).
+        if callable(log) and trainer is not None and trainer.training:
             log("train/kept_fraction", kept, on_step=False, on_epoch=True, batch_size=len(batch))
         total = weights.sum()
         if float(total) <= 0.0:
