@@ -1,0 +1,201 @@
+"""``TrainingDynamics``: the callback that feeds a :class:`DynamicsStore` from a Trainer.
+
+Late Stopping (Yuan et al., ICCV 2023), small-loss selection and label audits by AUM (Pleiss
+et al., NeurIPS 2020) or forgetting events (Toneva et al., ICLR 2019) read its store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from lightning_noise.dynamics.store import DynamicsStore
+from lightning_noise.types import SampleBatch
+
+__all__ = ["TrainingDynamics"]
+
+
+def _full_dataset_size(dataset: Any) -> int | None:
+    """Length of the full training set behind ``dataset``, or None when it has no length.
+
+    Indices are positions in the *full* training set (DESIGN.md protocol 1), so a
+    ``Subset`` (e.g. the shrinking set of Late Stopping) is unwrapped to the dataset it
+    indexes.
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+class TrainingDynamics(Callback):
+    """Record per-sample training dynamics of every training batch into a ``DynamicsStore``.
+
+    The ``training_step`` must return the dict of a per-sample module (keys ``"loss"``,
+    ``"per_sample_loss"``, ``"logits"``, ``"target"``, ``"index"``; see
+    ``PerSampleLossMixin``). At each ``on_train_batch_end`` the callback records each sample's
+    correctness against its given label, loss and AUM margin at ``trainer.current_epoch``.
+    Other callbacks find it with :meth:`find` and read :attr:`store`; place it before them in
+    ``callbacks`` when they read it in ``on_train_batch_end``.
+
+    Under DDP every rank all-gathers the per-sample statistics of all ranks, padded because
+    the last batch may differ in size per rank, so every rank holds an identical store equal
+    to that of one process seeing the same batches. Note that Lightning's
+    ``DistributedSampler`` pads the epoch by repeating samples so that ranks get equal shares;
+    such a sample is recorded twice in that epoch (the last wins in the history, both count in
+    the AUM).
+
+    Args:
+        k: Run length of first-time k-epoch learning used by :meth:`first_learned_epoch`
+            (Yuan et al. 2023), >= 1.
+        num_samples: Size of the full training set. ``None`` reads it from the training
+            dataloader's dataset (unwrapping ``Subset``), which must then have a length.
+
+    Example:
+        >>> callback = TrainingDynamics(k=2)
+        >>> trainer = pl.Trainer(callbacks=[callback], logger=False)
+        >>> TrainingDynamics.find(trainer) is callback
+        True
+    """
+
+    def __init__(self, k: int = 3, *, num_samples: int | None = None) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if num_samples is not None and (
+            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0
+        ):
+            raise ValueError(f"num_samples must be None or an integer >= 0, got {num_samples!r}")
+        self.k = k
+        self.num_samples = num_samples
+        self.store = DynamicsStore(num_samples or 0)
+
+    @property
+    def state_key(self) -> str:
+        # Stable across runs and hyperparameters, so a checkpoint resumes even when k changes.
+        return "TrainingDynamics"
+
+    @classmethod
+    def find(cls, trainer: pl.Trainer) -> TrainingDynamics:
+        """Return the ``TrainingDynamics`` among ``trainer.callbacks``.
+
+        Raises:
+            RuntimeError: when there is none, naming the fix.
+        """
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, cls):
+                return callback
+        raise RuntimeError(
+            f"this callback reads per-sample training dynamics, but the Trainer has no "
+            f"{cls.__name__} callback; add it: `Trainer(callbacks=[{cls.__name__}(), ...])`"
+        )
+
+    # ------------------------------------------------------------- sizing
+    def _size_store(self, trainer: pl.Trainer) -> None:
+        if self.num_samples is not None:
+            self.store.resize(max(self.num_samples, self.store.num_samples))
+            return
+        loader = trainer.train_dataloader
+        if isinstance(loader, DataLoader):
+            size = _full_dataset_size(loader.dataset)
+        else:
+            size = None
+        if size is None:
+            raise ValueError(
+                "TrainingDynamics could not read the training set size from "
+                f"trainer.train_dataloader ({type(loader).__name__}); it needs one DataLoader "
+                "over a dataset with a length, or pass `TrainingDynamics(num_samples=...)`"
+            )
+        if size > self.store.num_samples:
+            self.store.resize(size)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._size_store(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The dataloader may have been reloaded (reload_dataloaders_every_n_epochs).
+        self._size_store(trainer)
+
+    # ------------------------------------------------------------ recording
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        stats = None if outputs is None else self._batch_stats(SampleBatch.from_outputs(outputs))
+        if trainer.world_size > 1:
+            stats = self._all_gather(trainer, pl_module, stats)
+        if stats is None or stats.shape[0] == 0:
+            return  # the step was skipped (training_step returned None) on every rank
+        index, correct, loss, margin = stats.cpu().unbind(dim=1)
+        self.store.record(index.long(), correct.bool(), loss, margin, trainer.current_epoch)
+
+    @staticmethod
+    def _batch_stats(batch: SampleBatch) -> Tensor:
+        """``[B, 4]`` float64 (index, correct, loss, margin) on the batch's device.
+
+        Gathering these four numbers per sample, instead of the logits, keeps the collective
+        small for many classes. float64 holds indices below 2**53 and float32 losses exactly.
+        """
+        return torch.stack(
+            [
+                batch.index.to(torch.float64),
+                batch.correct.to(torch.float64),
+                batch.loss.to(torch.float64),
+                batch.margin.to(torch.float64),
+            ],
+            dim=1,
+        )
+
+    @staticmethod
+    def _all_gather(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, stats: Tensor | None
+    ) -> Tensor:
+        """Concatenate ``stats`` of all ranks in rank order (padding uneven batch sizes)."""
+        device = pl_module.device
+        if stats is None:
+            stats = torch.zeros(0, 4, dtype=torch.float64, device=device)
+        stats = stats.to(device)
+        # Collectives need one shape on every rank: gather the sizes, pad to the largest,
+        # gather, then strip each rank's padding.
+        sizes = trainer.strategy.all_gather(torch.tensor([stats.shape[0]], device=device))
+        sizes = sizes.reshape(-1).tolist()
+        padded = torch.zeros(max(sizes), 4, dtype=stats.dtype, device=device)
+        padded[: stats.shape[0]] = stats
+        gathered = trainer.strategy.all_gather(padded)  # [world_size, max_size, 4]
+        return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "store": self.store.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.k = int(state_dict.get("k", self.k))
+        self.store.load_state_dict(state_dict["store"])
+
+    # --------------------------------------------------------- passthroughs
+    def first_learned_epoch(self, k: int | None = None, *, since: int = 0) -> Tensor:
+        """``[N]`` first-time k-epoch learning epoch, -1 if never (``k`` defaults to ``self.k``)."""
+        return self.store.first_learned_epoch(self.k if k is None else k, since=since)
+
+    def learned_mask(self, k: int | None = None, *, since: int = 0) -> Tensor:
+        """``[N]`` bool: whether each sample reached first-time k-epoch learning."""
+        return self.store.learned_mask(self.k if k is None else k, since=since)
+
+    def aum(self) -> Tensor:
+        """``[N]`` area under the margin (Pleiss et al. 2020), NaN if never seen."""
+        return self.store.aum()
+
+    def forgetting_events(self) -> Tensor:
+        """``[N]`` number of forgetting events (Toneva et al. 2019)."""
+        return self.store.forgetting_events()
