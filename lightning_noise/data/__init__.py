@@ -1,0 +1,47 @@
+"""Label noise and DataModules: the embedded digits default, CIFAR-10/100 (+ CIFAR-N), folders."""
+
+from lightning_noise.data.base import NoisyLabelDataModule, stratified_split
+from lightning_noise.data.cifar import (
+    CIFAR100_ASYMMETRIC_MAP,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    load_cifar_n_labels,
+)
+from lightning_noise.data.digits import DIGITS_ASYMMETRIC_MAP, DigitsDataModule
+from lightning_noise.data.folder import ImageFolderDataModule
+from lightning_noise.data.noise import (
+    CIFAR10_ASYMMETRIC_MAP,
+    NOISE_TYPES,
+    NoisyLabels,
+    asymmetric_noise,
+    instance_dependent_noise,
+    make_noisy_labels,
+    noise_transition_matrix,
+    pair_noise,
+    realised_noise_rate,
+    symmetric_noise,
+    transition_matrix_noise,
+)
+
+__all__ = [
+    "CIFAR10_ASYMMETRIC_MAP",
+    "CIFAR100_ASYMMETRIC_MAP",
+    "DIGITS_ASYMMETRIC_MAP",
+    "NOISE_TYPES",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "NoisyLabelDataModule",
+    "NoisyLabels",
+    "asymmetric_noise",
+    "instance_dependent_noise",
+    "load_cifar_n_labels",
+    "make_noisy_labels",
+    "noise_transition_matrix",
+    "pair_noise",
+    "realised_noise_rate",
+    "stratified_split",
+    "symmetric_noise",
+    "transition_matrix_noise",
+]

@@ -1,0 +1,300 @@
+"""A DataModule over the user's own folder of images (torchvision ``ImageFolder`` layout)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from lightning_noise.data.base import (
+    DataSplits,
+    NoisyLabelDataModule,
+    TransformedSubset,
+    _check_fraction,
+    _check_int,
+    _split_size,
+    stratified_split,
+)
+
+__all__ = ["ImageFolderDataModule"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resize the short side to image_size / 0.875 before the centre crop (the classic
+# 256 -> 224 evaluation transform of ImageNet models).
+_EVAL_CROP_RATIO = 0.875
+# Side of the thumbnails used as instance-noise features (un-augmented, so the noisy labels do
+# not depend on image_size or augmentation, and small enough to hold for large folders).
+_FEATURE_SIZE = 32
+
+_LAYOUT = """\
+expected one of these layouts (class-named subfolders holding the images):
+  {root}/train/<class>/*.png   (+ optional {root}/val/<class>/..., {root}/test/<class>/...)
+  {root}/<class>/*.png         (split into train/val/test by val_fraction/test_fraction)"""
+
+
+class _ClassListImageFolder(ImageFolder):
+    """``ImageFolder`` that uses a given class list, so val/test indices match train's."""
+
+    def __init__(self, root: str, classes: list[str]) -> None:
+        self._fixed_classes = list(classes)
+        # allow_empty: a val/ or test/ folder may lack some classes.
+        super().__init__(root, allow_empty=True)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
+
+
+class ImageFolderDataModule(NoisyLabelDataModule):
+    """Your own images, in class-named folders, with synthetic label noise on the train split.
+
+    Two layouts are understood (``data_dir`` is the root):
+
+    * ``data_dir/train/<class>/...`` with optional ``data_dir/val/<class>/...`` and
+      ``data_dir/test/<class>/...``: a split that has its own folder is used as is; a missing
+      one is carved from ``train/`` by ``val_fraction`` / ``test_fraction``;
+    * ``data_dir/<class>/...`` (no ``train/`` folder): one pool split into train/val/test by
+      ``val_fraction`` (default 0.1) and ``test_fraction`` (default 0).
+
+    Carved splits are stratified and drawn from ``seed``. Class indices follow the sorted class
+    folder names of the training pool (torchvision's convention); ``num_classes`` is read from
+    the folder listing right after ``__init__``. Images are loaded with PIL as RGB, normalised
+    with the ImageNet mean/std; evaluation resizes the short side to ``image_size / 0.875`` and
+    centre-crops ``image_size``; training (``augment=True``) uses a random resized crop and a
+    horizontal flip. With no validation split at all, validation runs on the test split, and
+    with neither there is no validation. Instance-dependent noise uses 32x32 thumbnails of the
+    training images as features (loaded once).
+
+    Args:
+        data_dir: the root folder, see the layouts above.
+        image_size: side of the served square images.
+        val_fraction: fraction of the training pool held out for validation (``None``: 0.1
+            when there is no ``val/`` folder; giving a value while ``val/`` exists is an error).
+        test_fraction: fraction held out for testing (``None``: 0 when there is no ``test/``
+            folder; giving a value while ``test/`` exists is an error).
+        augment: random resized crop + horizontal flip on the training split.
+        batch_size: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        num_workers: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        noise: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        noise_rate: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        noise_seed: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        class_map: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        transition_matrix: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        include_true_class: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        noisy_validation: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        seed: seed of the carved splits and of the shuffling order.
+        drop_last: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        pin_memory: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        image_size: int = 224,
+        val_fraction: float | None = None,
+        test_fraction: float | None = None,
+        augment: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        noise: str = "symmetric",
+        noise_rate: float = 0.0,
+        noise_seed: int = 0,
+        class_map: dict[int, int] | None = None,
+        transition_matrix: list[list[float]] | None = None,
+        include_true_class: bool = False,
+        noisy_validation: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            noise=noise,
+            noise_rate=noise_rate,
+            noise_seed=noise_seed,
+            class_map=class_map,
+            transition_matrix=transition_matrix,
+            include_true_class=include_true_class,
+            noisy_validation=noisy_validation,
+            val_fraction=val_fraction,
+            seed=seed,
+            augment=augment,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+        )
+        self.data_dir = str(data_dir)
+        self._image_size = _check_int("image_size", image_size, minimum=1)
+        self.test_fraction = (
+            None if test_fraction is None else _check_fraction("test_fraction", test_fraction)
+        )
+        self._features: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def _root(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    def _split_folder(self, name: str) -> Path | None:
+        folder = self._root / name
+        return folder if folder.is_dir() else None
+
+    @property
+    def _train_root(self) -> Path:
+        root = self._root
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {str(root)!r} not found; " + _LAYOUT.format(root=root)
+            )
+        train = self._split_folder("train")
+        if train is not None:
+            return train
+        for name in ("val", "test"):
+            if self._split_folder(name) is not None:
+                raise FileNotFoundError(
+                    f"{str(root)!r} has a {name}/ folder but no train/ folder; "
+                    + _LAYOUT.format(root=root)
+                )
+        return root
+
+    @cached_property
+    def classes(self) -> list[str]:
+        """Class names: the sorted class folders of the training pool."""
+        train_root = self._train_root
+        try:
+            names, _ = find_classes(str(train_root))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"no class folders in {str(train_root)!r} ({err}); "
+                + _LAYOUT.format(root=self._root)
+            ) from err
+        if len(names) < 2:
+            raise ValueError(
+                f"{str(train_root)!r} has {len(names)} class folder(s) ({names}); a "
+                "classification dataset needs at least 2"
+            )
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders (read from the folder listing, no image is opened)."""
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        """3 (images are converted to RGB)."""
+        return 3
+
+    @property
+    def image_size(self) -> int:
+        """``image_size``."""
+        return self._image_size
+
+    # ------------------------------------------------------------------ transforms
+    def _train_transform(self) -> Any:
+        if not self.augment:
+            return self._eval_transform()
+        return T.Compose(
+            [
+                T.RandomResizedCrop(self._image_size),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def _eval_transform(self) -> Any:
+        return T.Compose(
+            [
+                T.Resize(round(self._image_size / _EVAL_CROP_RATIO)),
+                T.CenterCrop(self._image_size),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    # ------------------------------------------------------------------ splits
+    def _resolve_fraction(self, name: str, given: float | None, default: float) -> float | None:
+        """The fraction to carve for split ``name``, or ``None`` when it has its own folder."""
+        if self._split_folder("train") is not None and self._split_folder(name) is not None:
+            if given is not None:
+                raise ValueError(
+                    f"{name}_fraction={given!r} but {str(self._root / name)!r} exists; a split "
+                    f"with its own folder is used as is, so drop {name}_fraction (or the folder)"
+                )
+            return None
+        return default if given is None else given
+
+    def _folder_split(self, name: str) -> tuple[_ClassListImageFolder, Tensor] | None:
+        folder = self._split_folder(name)
+        if folder is None or self._split_folder("train") is None:
+            return None
+        extra = sorted(set(find_classes(str(folder))[0]) - set(self.classes))
+        if extra:
+            raise ValueError(
+                f"{str(folder)!r} has class folders {extra} that train/ lacks; every class must "
+                "have training images"
+            )
+        dataset = _ClassListImageFolder(str(folder), self.classes)
+        return dataset, torch.as_tensor(dataset.targets, dtype=torch.int64)
+
+    def _build_splits(self) -> DataSplits:
+        classes = self.classes
+        val_fraction = self._resolve_fraction("val", self.val_fraction, 0.1)
+        test_fraction = self._resolve_fraction("test", self.test_fraction, 0.0)
+        pool = _ClassListImageFolder(str(self._train_root), classes)
+        pool_targets = torch.as_tensor(pool.targets, dtype=torch.int64)
+        n = pool_targets.shape[0]
+        if n == 0:
+            raise FileNotFoundError(
+                f"no images found under {str(self._train_root)!r}; "
+                + _LAYOUT.format(root=self._root)
+            )
+        n_val = _split_size(val_fraction or 0.0, n)
+        n_test = _split_size(test_fraction or 0.0, n)
+        train_idx, val_idx, test_idx = stratified_split(pool_targets, n_val, n_test, seed=self.seed)
+        train_tf, eval_tf = self._train_transform(), self._eval_transform()
+
+        def carved(idx: Tensor, tf: Any) -> tuple[TransformedSubset, Tensor] | None:
+            if idx.numel() == 0:
+                return None
+            return TransformedSubset(pool, idx, pool_targets[idx], tf), pool_targets[idx]
+
+        def own(name: str) -> tuple[TransformedSubset, Tensor] | None:
+            found = self._folder_split(name)
+            if found is None:
+                return None
+            dataset, targets = found
+            return TransformedSubset(dataset, torch.arange(len(dataset)), targets, eval_tf), targets
+
+        train = TransformedSubset(pool, train_idx, pool_targets[train_idx], train_tf)
+        val = own("val") or carved(val_idx, eval_tf)
+        test = own("test") or carved(test_idx, eval_tf)
+        if self.noise == "instance":
+            self._features["train"] = self._thumbnails(pool, train_idx)
+            if val is not None:
+                self._features["val"] = self._thumbnails(val[0].dataset, val[0].indices)
+        return DataSplits(
+            train=train,
+            train_targets=train.targets,
+            val=None if val is None else val[0],
+            val_targets=None if val is None else val[1],
+            test=None if test is None else test[0],
+            test_targets=None if test is None else test[1],
+        )
+
+    @staticmethod
+    def _thumbnails(dataset: ImageFolder, indices: Tensor) -> Tensor:
+        to_tensor = T.Compose([T.Resize((_FEATURE_SIZE, _FEATURE_SIZE)), T.ToTensor()])
+        rows = [to_tensor(dataset.loader(dataset.samples[int(i)][0])) for i in indices]
+        return torch.stack(rows) if rows else torch.zeros(0, 3, _FEATURE_SIZE, _FEATURE_SIZE)
+
+    def _noise_features(self, split: str) -> Tensor | None:
+        return self._features.get(split)

@@ -1,0 +1,144 @@
+"""Tests for ``ImageFolderDataModule`` on tiny PNG folders written with PIL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_noise.data.folder import ImageFolderDataModule
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def write_images(folder: Path, per_class: int, classes=CLASSES, size=(20, 14)) -> None:
+    """``per_class`` PNGs per class; the red value of image k of class c is 10 * c + k."""
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            colour = (10 * c + k, 100, 200)
+            Image.new("RGB", size, colour).save(folder / name / f"{k:03d}.png")
+
+
+@pytest.fixture
+def split_root(tmp_path: Path) -> Path:
+    write_images(tmp_path / "train", 6)
+    write_images(tmp_path / "val", 2)
+    write_images(tmp_path / "test", 1, classes=("cat", "fox"))  # a class may be missing
+    return tmp_path
+
+
+def test_num_classes_without_setup(split_root: Path) -> None:
+    dm = ImageFolderDataModule(str(split_root), image_size=16)
+    assert (dm.num_classes, dm.in_chans, dm.image_size) == (3, 3, 16)
+    assert dm.classes == list(CLASSES)
+    assert dm._train is None
+
+
+def test_train_val_test_folders(split_root: Path) -> None:
+    dm = ImageFolderDataModule(str(split_root), image_size=16, augment=False, noise_rate=0.5)
+    dm.setup("fit")
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (18, 6, 2)
+    x, _, i = dm.train_dataset[7]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and i == 7
+    assert dm.train_dataset.clean_targets[7] == 1  # sorted folders: cat, dog, fox
+    # test/ lacks "dog": fox keeps index 2 (the training class list is used)
+    assert [dm.test_dataset[k][1] for k in range(2)] == [0, 2]
+    assert torch.equal(dm.clean_targets, torch.arange(3).repeat_interleave(6))
+    assert dm.noise_mask.any()
+    # ImageNet normalisation of a constant image: red channel = (r / 255 - 0.485) / 0.229
+    xv, yv = dm.val_dataset[5]  # fox, k = 1: red 21
+    assert yv == 2
+    assert torch.allclose(xv[0], torch.full((16, 16), (21 / 255 - 0.485) / 0.229), atol=1e-2)
+
+
+def test_single_folder_split(tmp_path: Path) -> None:
+    write_images(tmp_path, 10)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=8, val_fraction=0.2, test_fraction=0.1)
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (21, 6, 3)
+    val_targets = sorted(dm.val_dataset[k][1] for k in range(6))
+    assert val_targets == [0, 0, 1, 1, 2, 2]  # stratified
+
+    def reds(dataset, n):
+        # eval transform is deterministic: recover the red value (10 * class + k)
+        return {round(float(dataset[k][0][0, 0, 0] * 0.229 + 0.485) * 255) for k in range(n)}
+
+    train_eval = ImageFolderDataModule(
+        str(tmp_path), image_size=8, val_fraction=0.2, test_fraction=0.1, augment=False
+    )
+    train = reds(train_eval.train_dataset, 21)
+    val, test = reds(dm.val_dataset, 6), reds(dm.test_dataset, 3)
+    assert not (train & val or train & test or val & test)
+    assert len(train | val | test) == 30
+
+
+def test_single_folder_defaults_and_determinism(tmp_path: Path) -> None:
+    write_images(tmp_path, 10)
+    a = ImageFolderDataModule(str(tmp_path), image_size=8, noise_rate=0.4, seed=1)
+    assert len(a.val_dataset) == 3 and a.test_dataset is None  # defaults: 10% val, no test
+    assert a.test_dataloader() == []
+    b = ImageFolderDataModule(str(tmp_path), image_size=8, noise_rate=0.4, seed=1)
+    assert torch.equal(a.noisy_targets, b.noisy_targets)
+    assert torch.equal(a.train_dataset.dataset.indices, b.train_dataset.dataset.indices)
+    c = ImageFolderDataModule(str(tmp_path), image_size=8, noise_rate=0.4, seed=2)
+    assert not torch.equal(a.train_dataset.dataset.indices, c.train_dataset.dataset.indices)
+
+
+def test_train_dataloader_with_augmentation(split_root: Path) -> None:
+    dm = ImageFolderDataModule(str(split_root), image_size=12, batch_size=8, noise_rate=0.3)
+    seen = []
+    for x, y, idx in dm.train_dataloader():
+        assert x.shape[1:] == (3, 12, 12)
+        assert torch.equal(y, dm.train_dataset.noisy_targets[idx])
+        seen.append(idx)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(18))
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (6, 3, 12, 12) and torch.equal(y, torch.tensor([0, 0, 1, 1, 2, 2]))
+
+
+def test_instance_noise_uses_thumbnails(split_root: Path) -> None:
+    dm = ImageFolderDataModule(str(split_root), image_size=8, noise="instance", noise_rate=0.5)
+    assert dm.noisy_targets.shape == (18,)
+    assert dm._features["train"].shape == (18, 3, 32, 32)  # un-augmented 32x32 thumbnails
+    again = ImageFolderDataModule(str(split_root), image_size=24, noise="instance", noise_rate=0.5)
+    assert torch.equal(again.noisy_targets, dm.noisy_targets)  # independent of image_size
+
+
+def test_missing_folder_explains_layout(tmp_path: Path) -> None:
+    dm = ImageFolderDataModule(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"(?s)not found.*train/<class>"):
+        _ = dm.num_classes
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        _ = ImageFolderDataModule(str(tmp_path / "empty")).num_classes
+    write_images(tmp_path / "only_val" / "val", 1)
+    with pytest.raises(FileNotFoundError, match="no train/ folder"):
+        ImageFolderDataModule(str(tmp_path / "only_val")).setup("fit")
+
+
+def test_fraction_with_own_folder_is_an_error(split_root: Path) -> None:
+    dm = ImageFolderDataModule(str(split_root), val_fraction=0.2)
+    with pytest.raises(ValueError, match=r"val_fraction=0\.2 but .*val' exists"):
+        dm.setup("fit")
+
+
+def test_extra_class_in_val_is_an_error(split_root: Path) -> None:
+    write_images(split_root / "val", 1, classes=("emu",))
+    with pytest.raises(ValueError, match=r"\['emu'\]"):
+        ImageFolderDataModule(str(split_root)).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_size": 0}, "image_size must be an integer >= 1, got 0"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"noise_rate": 1.0}, "1.0"),
+        ({"noise": "given"}, "given"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ImageFolderDataModule(str(tmp_path), **kwargs)
