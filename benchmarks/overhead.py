@@ -1,0 +1,96 @@
+"""Cost of the TrainingDynamics callback relative to plain training.
+
+Trains the same ImageClassifier on digits with and without ``TrainingDynamics``,
+interleaving the two so that machine noise hits both alike, and prints the ratio of
+median fit times (goal: under 1.05x). Results are appended to ``benchmarks/results.csv``.
+
+Run: ``python benchmarks/overhead.py`` (``--help`` for sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning.pytorch as pl
+import torch
+from common import append_results, device_name
+
+from lightning_noise.data import DigitsDataModule
+from lightning_noise.dynamics import TrainingDynamics
+from lightning_noise.models import ImageClassifier
+
+
+def fit_seconds(with_dynamics: bool, args: argparse.Namespace, root: Path) -> float:
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(
+        noise_rate=0.4, batch_size=args.batch_size, image_size=args.image_size, seed=0
+    )
+    model = ImageClassifier(args.backbone, num_classes=dm.num_classes, in_chans=dm.in_chans)
+    callbacks = [TrainingDynamics(k=3)] if with_dynamics else []
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=root,
+    )
+    dm.setup("fit")
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument("--no-record", action="store_true", help="do not append to results.csv")
+    args = parser.parse_args()
+
+    fit_seconds(False, args, args.root)  # warm-up: imports, allocator, first-call overheads
+    plain, dyn = [], []
+    for _ in range(args.repeats):
+        plain.append(fit_seconds(False, args, args.root))
+        dyn.append(fit_seconds(True, args, args.root))
+    p, d = statistics.median(plain), statistics.median(dyn)
+    ratio = d / p
+    print(f"device: {device_name()}")
+    print(
+        f"backbone {args.backbone}, {args.epochs} epochs x {args.repeats} repeats, digits "
+        f"({args.image_size}px, batch {args.batch_size})"
+    )
+    print(f"{'case':<22}{'median fit s':>14}")
+    print(f"{'plain':<22}{p:>14.3f}")
+    print(f"{'+ TrainingDynamics':<22}{d:>14.3f}")
+    print(f"ratio (dynamics / plain): {ratio:.3f}x  (goal < 1.05x)")
+    if not args.no_record:
+        append_results(
+            "overhead",
+            [
+                (f"{args.backbone}/plain", "median_fit_s", p),
+                (f"{args.backbone}/dynamics", "median_fit_s", d),
+                (args.backbone, "ratio", ratio),
+            ],
+        )
+
+
+if __name__ == "__main__":
+    main()

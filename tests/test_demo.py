@@ -1,0 +1,38 @@
+"""The README's main job, shortened: rows run, a table prints, the plot is written."""
+
+from __future__ import annotations
+
+import math
+
+from lightning_noise import demo
+
+
+def test_demo_runs_rows_and_writes_plot(tmp_path, capsys) -> None:
+    results = demo.main(
+        [
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.init_args.backbone=test_resnet",
+            "--data.init_args.image_size=16",
+        ]
+    )
+    assert [r.row for r in results] == demo.DEMO_ROWS
+    for result in results:
+        assert len(result.history["train/acc_noisy_labels"]) == 2
+        assert 0.0 <= result.metrics["test/acc"] <= 1.0
+        assert not math.isnan(result.metrics["train/acc_clean_labels"])
+    png = tmp_path / "memorisation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "test acc" in out and demo.DEMO_ROWS[0].name in out
+
+
+def test_every_demo_recipe_exists() -> None:
+    for row in demo.DEMO_ROWS:
+        assert demo.find_recipe(row.recipe).is_file()
