@@ -9,9 +9,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+# Lightning 2.6 still calls jsonargparse APIs deprecated in jsonargparse 4.49; the warnings are
+# about Lightning's code, not the user's config, so they are silenced unless asked for.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 

@@ -175,7 +175,7 @@ def plot_memorisation(results: Sequence[RowResult], path: Path) -> Path:
         )
         ax.plot(epochs, h["val/acc"], color=colour, linestyle=":", label=f"{result.row.name}: val")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy against the given label")
+    ax.set_ylabel("accuracy (train: vs given label; val: vs clean label)")
     ax.set_ylim(0, 1)
     ax.set_title("Memorisation of noisy labels")
     ax.grid(alpha=0.3)

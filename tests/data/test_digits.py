@@ -237,7 +237,6 @@ class _IndexRecorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.slow
 @pytest.mark.ddp
 def test_lightning_ddp_keeps_our_sampler(tmp_path: Path) -> None:
     """Under DDP Lightning keeps the DistributedSampler and calls set_epoch on it."""
