@@ -42,11 +42,15 @@ class LightningNoiseCLI(LightningCLI):
 
 
 def build_cli(
-    args: Sequence[str] | None = None, *, run: bool = True, **kwargs: Any
+    args: Sequence[str] | None = None,
+    *,
+    run: bool = True,
+    cli_class: type[LightningNoiseCLI] = LightningNoiseCLI,
+    **kwargs: Any,
 ) -> LightningNoiseCLI:
     """Build (and by default run) the CLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    return LightningNoiseCLI(
+    return cli_class(
         ImageClassifier,
         NoisyLabelDataModule,
         subclass_mode_model=True,

@@ -19,7 +19,7 @@ from lightning_noise.types import SampleBatch
 __all__ = ["ImageClassifier", "create_backbone"]
 
 OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
-LRSchedulerCallable = Callable[[torch.optim.Optimizer], Any]
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
@@ -77,7 +77,7 @@ class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
             is set to ``"none"``. It must return one loss per sample. Default cross-entropy.
         optimizer: a callable from parameters to an optimizer. Default ``AdamW(lr=1e-3)``.
         scheduler: an optional callable from the optimizer to an LR scheduler, stepped
-            every epoch.
+            every epoch (``ReduceLROnPlateau`` monitors ``val/loss``).
         ece_bins: number of bins of the expected calibration error.
 
     Example:
@@ -259,7 +259,7 @@ class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
-        }
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}

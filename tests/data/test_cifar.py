@@ -9,6 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _formats import (
+    N_TRAIN_10,
+    N_TRAIN_100,
+    dump_pickle,
+    images,
+    train_labels_10,
+    write_cifar10,
+    write_cifar100,
+)
 
 from lightning_noise.data.cifar import (
     CIFAR100_ASYMMETRIC_MAP,
@@ -16,69 +25,6 @@ from lightning_noise.data.cifar import (
     CIFAR100DataModule,
     load_cifar_n_labels,
 )
-
-N_TRAIN_10 = 100  # 5 batches of 20
-N_TRAIN_100 = 200
-
-
-def _images(n: int, offset: int = 0) -> np.ndarray:
-    """uint8 [n, 3072]; the first pixel of image i is (i + offset) % 256 (traceable images)."""
-    rng = np.random.default_rng(offset)
-    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    data[:, 0] = (np.arange(n) + offset) % 256
-    return data
-
-
-def _dump(path: Path, obj: dict) -> None:
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=2)  # the official files are protocol-2 pickles
-
-
-def _train_labels_10() -> np.ndarray:
-    return np.arange(N_TRAIN_10) % 10
-
-
-def write_cifar10(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    labels = _train_labels_10()
-    data = _images(N_TRAIN_10)
-    for b in range(5):
-        part = slice(20 * b, 20 * (b + 1))
-        _dump(
-            folder / f"data_batch_{b + 1}",
-            {
-                b"batch_label": f"training batch {b + 1} of 5".encode(),
-                b"labels": labels[part].tolist(),
-                b"data": data[part],
-                b"filenames": [b"x.png"] * 20,
-            },
-        )
-    _dump(
-        folder / "test_batch",
-        {b"labels": (np.arange(20) % 10).tolist(), b"data": _images(20, offset=100)},
-    )
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
-    names += [b"dog", b"frog", b"horse", b"ship", b"truck"]
-    _dump(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": 20})
-    return folder
-
-
-def write_cifar100(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    fine = (np.arange(N_TRAIN_100) % 100).tolist()
-    _dump(
-        folder / "train",
-        {b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine], b"data": _images(200)},
-    )
-    _dump(
-        folder / "test",
-        {b"fine_labels": list(range(100)), b"coarse_labels": [0] * 100, b"data": _images(100, 7)},
-    )
-    _dump(
-        folder / "meta",
-        {b"fine_label_names": [f"c{i}".encode() for i in range(100)], b"coarse_label_names": []},
-    )
-    return folder
 
 
 @pytest.fixture
@@ -88,7 +34,7 @@ def cifar10_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cifar_n_file(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    clean = _train_labels_10()
+    clean = train_labels_10()
     rng = np.random.default_rng(0)
     labels = {"clean_label": clean.copy()}
     for key, rate in (("aggre_label", 0.1), ("worse_label", 0.4), ("random_label1", 0.2)):
@@ -113,12 +59,12 @@ def test_cifar10_loads_shapes_and_labels(cifar10_dir: Path, use_parent: bool) ->
     dm.setup("fit")
     assert len(dm.train_dataset) == N_TRAIN_10 and len(dm.test_dataset) == 20
     assert dm.val_dataset is dm.test_dataset  # val_fraction=0: validate on the test split
-    assert torch.equal(dm.clean_targets, torch.as_tensor(_train_labels_10()))
+    assert torch.equal(dm.clean_targets, torch.as_tensor(train_labels_10()))
     assert dm.classes[:2] == ["airplane", "automobile"]
     x, y, i = dm.train_dataset[13]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and (y, i) == (3, 13)
     # the pixels are the pickled ones, in the CHW order of the 3072-vector, normalised
-    raw = torch.as_tensor(_images(N_TRAIN_10)[13]).view(3, 32, 32).float() / 255
+    raw = torch.as_tensor(images(N_TRAIN_10)[13]).view(3, 32, 32).float() / 255
     mean = torch.tensor(CIFAR10DataModule._mean).view(3, 1, 1)
     std = torch.tensor(CIFAR10DataModule._std).view(3, 1, 1)
     assert torch.allclose(x * std + mean, raw, atol=1e-5)
@@ -203,8 +149,8 @@ def test_missing_file_is_named(cifar10_dir: Path) -> None:
 
 
 def test_unpickler_refuses_foreign_objects(cifar10_dir: Path) -> None:
-    batch = {b"labels": [0] * 20, b"data": _images(20), b"extra": collections.OrderedDict()}
-    _dump(cifar10_dir / "data_batch_2", batch)
+    batch = {b"labels": [0] * 20, b"data": images(20), b"extra": collections.OrderedDict()}
+    dump_pickle(cifar10_dir / "data_batch_2", batch)
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to load collections\.OrderedDict"):
         CIFAR10DataModule(str(cifar10_dir)).setup("fit")
 
@@ -283,7 +229,7 @@ def test_cifar_n_wrong_length(cifar10_dir: Path, tmp_path: Path) -> None:
 
 def test_cifar_n_wrong_dataset(cifar10_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
-    clean = (_train_labels_10() + 1) % 10
+    clean = (train_labels_10() + 1) % 10
     torch.save({"aggre_label": clean, "clean_label": clean}, path)
     dm = CIFAR10DataModule(
         str(cifar10_dir), noisy_labels_file=str(path), noisy_label_key="aggre_label"

@@ -6,20 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from _formats import IMAGE_CLASSES, write_images
 
 from lightning_noise.data.folder import ImageFolderDataModule
 
-CLASSES = ("cat", "dog", "fox")
-
-
-def write_images(folder: Path, per_class: int, classes=CLASSES, size=(20, 14)) -> None:
-    """``per_class`` PNGs per class; the red value of image k of class c is 10 * c + k."""
-    for c, name in enumerate(classes):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for k in range(per_class):
-            colour = (10 * c + k, 100, 200)
-            Image.new("RGB", size, colour).save(folder / name / f"{k:03d}.png")
+CLASSES = IMAGE_CLASSES
 
 
 @pytest.fixture
