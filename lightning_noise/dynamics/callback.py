@@ -118,6 +118,9 @@ class TrainingDynamics(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._size_store(trainer)
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and 0 < max_epochs <= 100_000:  # -1/None: unbounded
+            self.store.reserve_epochs(max_epochs)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The dataloader may have been reloaded (reload_dataloaders_every_n_epochs).

@@ -54,8 +54,9 @@ class DynamicsStore:
     wrong. A sample recorded twice in one epoch keeps its last correctness and loss in the
     history, while the AUM averages every update.
 
-    Memory: the history is an ``int8`` matrix of N x E bytes (N samples, E epoch capacity,
-    which doubles when full), so 1M samples x 200 epochs take about 200 MB, plus 20 bytes per
+    Memory: the history is an ``int8`` matrix of N x E bytes (N samples, E epoch capacity:
+    :meth:`reserve_epochs`, which the callback calls with ``trainer.max_epochs``, or doubling
+    when full), so 1M samples x 200 epochs take 200 MB, plus 20 bytes per
     sample for the per-sample vectors (float32 last loss, int32 last epoch, float64 margin sum,
     int32 update count), about 20 MB for 1M samples. :meth:`state_dict` holds the same amount.
 
@@ -146,15 +147,28 @@ class DynamicsStore:
         for dst, src in zip(new, old, strict=True):
             dst[:n_old] = src
 
-    def _ensure_epoch(self, epoch: int) -> None:
+    def reserve_epochs(self, num_epochs: int) -> None:
+        """Allocate the history for ``num_epochs`` epochs at once (never shrinks).
+
+        With the run's length known (the callback passes ``trainer.max_epochs``) the history
+        is exactly N x ``num_epochs`` bytes, instead of up to twice that after doubling.
+        """
+        _check_count(num_epochs, name="num_epochs", minimum=1)
+        self._grow_epochs(num_epochs)
+
+    def _grow_epochs(self, new_capacity: int) -> None:
         capacity = self.epoch_capacity
-        if epoch < capacity:
+        if new_capacity <= capacity:
             return
-        # Doubling keeps the total copying cost linear in the number of epochs.
-        new_capacity = max(2 * capacity, epoch + 1)
         epochs = torch.full((new_capacity, self.num_samples), _NOT_SEEN, dtype=torch.int8)
         epochs[:capacity] = self._epochs
         self._epochs = epochs
+
+    def _ensure_epoch(self, epoch: int) -> None:
+        if epoch < self.epoch_capacity:
+            return
+        # Doubling keeps the total copying cost linear in the number of epochs.
+        self._grow_epochs(max(2 * self.epoch_capacity, epoch + 1))
 
     # ---------------------------------------------------------------- update
     def update(self, batch: SampleBatch, epoch: int) -> None:

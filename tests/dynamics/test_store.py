@@ -322,3 +322,19 @@ def assert_stores_equal(a: DynamicsStore, b: DynamicsStore) -> None:
             assert torch.equal(value.nan_to_num(-7.0), sb[key].nan_to_num(-7.0)), key
         else:
             assert value == sb[key], key
+
+
+def test_reserve_epochs_allocates_exactly_and_keeps_history() -> None:
+    store = DynamicsStore(5, initial_epochs=2)
+    logits = torch.tensor([[1.0, 0.0]]).repeat(5, 1)
+    batch = SampleBatch.create(
+        torch.arange(5), torch.zeros(5, dtype=torch.long), logits, torch.zeros(5)
+    )
+    store.update(batch, epoch=1)
+    store.reserve_epochs(200)
+    assert store.epoch_capacity == 200 and store._epochs.numel() == 5 * 200
+    assert store.history[:, 1].tolist() == [1] * 5 and store.history[:, 0].tolist() == [-1] * 5
+    store.reserve_epochs(10)  # never shrinks
+    assert store.epoch_capacity == 200
+    with pytest.raises(ValueError, match="num_epochs"):
+        store.reserve_epochs(0)

@@ -59,6 +59,8 @@ def test_resume_is_exact(tmp_path) -> None:
     torch.testing.assert_close(dyn_straight.store.aum(), dyn_resumed.store.aum(), equal_nan=True)
     # The state did change along the way: two more epochs were recorded after the checkpoint.
     assert history_after_one.shape[1] == 1 and dyn_resumed.store.history.shape[1] == 3
+    # The callback reserved exactly max_epochs columns: N x 3 bytes of history.
+    assert dyn_straight.store.epoch_capacity == 3
     assert not torch.equal(
         straight.state_dict()["backbone.fc.weight"], half.state_dict()["backbone.fc.weight"]
     )
