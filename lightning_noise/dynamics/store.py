@@ -148,27 +148,27 @@ class DynamicsStore:
             dst[:n_old] = src
 
     def reserve_epochs(self, num_epochs: int) -> None:
-        """Allocate the history for ``num_epochs`` epochs at once (never shrinks).
+        """Set the history's capacity to ``num_epochs`` epochs (never below those recorded).
 
         With the run's length known (the callback passes ``trainer.max_epochs``) the history
         is exactly N x ``num_epochs`` bytes, instead of up to twice that after doubling.
         """
         _check_count(num_epochs, name="num_epochs", minimum=1)
-        self._grow_epochs(num_epochs)
+        self._set_epoch_capacity(max(num_epochs, self._num_epochs))
 
-    def _grow_epochs(self, new_capacity: int) -> None:
-        capacity = self.epoch_capacity
-        if new_capacity <= capacity:
+    def _set_epoch_capacity(self, new_capacity: int) -> None:
+        if new_capacity == self.epoch_capacity:
             return
+        keep = min(new_capacity, self.epoch_capacity)
         epochs = torch.full((new_capacity, self.num_samples), _NOT_SEEN, dtype=torch.int8)
-        epochs[:capacity] = self._epochs
+        epochs[:keep] = self._epochs[:keep]
         self._epochs = epochs
 
     def _ensure_epoch(self, epoch: int) -> None:
         if epoch < self.epoch_capacity:
             return
         # Doubling keeps the total copying cost linear in the number of epochs.
-        self._grow_epochs(max(2 * self.epoch_capacity, epoch + 1))
+        self._set_epoch_capacity(max(2 * self.epoch_capacity, epoch + 1))
 
     # ---------------------------------------------------------------- update
     def update(self, batch: SampleBatch, epoch: int) -> None:

@@ -324,7 +324,7 @@ def assert_stores_equal(a: DynamicsStore, b: DynamicsStore) -> None:
             assert value == sb[key], key
 
 
-def test_reserve_epochs_allocates_exactly_and_keeps_history() -> None:
+def test_reserve_epochs_sets_capacity_and_keeps_history() -> None:
     store = DynamicsStore(5, initial_epochs=2)
     logits = torch.tensor([[1.0, 0.0]]).repeat(5, 1)
     batch = SampleBatch.create(
@@ -334,7 +334,7 @@ def test_reserve_epochs_allocates_exactly_and_keeps_history() -> None:
     store.reserve_epochs(200)
     assert store.epoch_capacity == 200 and store._epochs.numel() == 5 * 200
     assert store.history[:, 1].tolist() == [1] * 5 and store.history[:, 0].tolist() == [-1] * 5
-    store.reserve_epochs(10)  # never shrinks
-    assert store.epoch_capacity == 200
+    store.reserve_epochs(1)  # never below the recorded epochs (0 and 1)
+    assert store.epoch_capacity == 2 and store.history[:, 1].tolist() == [1] * 5
     with pytest.raises(ValueError, match="num_epochs"):
         store.reserve_epochs(0)
