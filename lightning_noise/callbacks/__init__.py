@@ -1,0 +1,5 @@
+"""Callbacks a user adds to an existing Trainer: one method a file."""
+
+from lightning_noise.callbacks.sam import ASAM, FSAM, SAM
+
+__all__ = ["ASAM", "FSAM", "SAM"]
