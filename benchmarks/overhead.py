@@ -1,12 +1,16 @@
-"""Cost of the TrainingDynamics callback relative to plain training.
+"""Cost of each training method relative to plain training, measured in one run.
 
-Trains the same ImageClassifier on digits with and without ``TrainingDynamics``, in
-ABBA order so that drift and machine noise hit both alike, and prints the ratio of median
-fit times (goal: under 1.05x). Because end-to-end timings on a shared CPU are noisy, it also
-prints the time spent inside the callback's own hooks as a fraction of the fit time, measured
-in the same runs. Results are appended to ``benchmarks/results.csv``.
+Trains the same ImageClassifier on digits plainly and with each method's callback
+(TrainingDynamics, GradientNoise, SAM, FSAM, ...), rotating the order of the cases every
+repeat so that drift and machine noise hit all alike, and prints each case's median time per
+optimizer step as a ratio to plain training. Goals: TrainingDynamics and GradientNoise under
+1.05x; SAM under 2.1x (two passes make 2.0x the floor); FSAM under 2.2x.
 
-Run: ``python benchmarks/overhead.py`` (``--help`` for sizes).
+Because end-to-end timings on a shared CPU are noisy, it also prints the time spent inside
+the TrainingDynamics callback's own hooks as a fraction of its fit time, measured in the same
+runs. Results are appended to ``benchmarks/results.csv``.
+
+Run: ``python benchmarks/overhead.py`` (``--help`` for sizes and ``--cases``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from common import append_results, device_name
 
+from lightning_noise.callbacks import FSAM, SAM, GradientNoise
 from lightning_noise.data import DigitsDataModule
 from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.models import ImageClassifier
@@ -46,14 +52,24 @@ class TimedDynamics(TrainingDynamics):
         self.seconds += time.perf_counter() - start
 
 
-def fit_seconds(with_dynamics: bool, args: argparse.Namespace, root: Path) -> tuple[float, float]:
-    """Fit once; return (fit seconds, seconds inside the dynamics callback's hooks)."""
+#: case name -> (callbacks factory, goal ratio or None).
+CASES: dict[str, tuple[Callable[[], list[pl.Callback]], float | None]] = {
+    "plain": (lambda: [], None),
+    "TrainingDynamics": (lambda: [TimedDynamics(k=3)], 1.05),
+    "GradientNoise": (lambda: [GradientNoise()], 1.05),
+    "SAM": (lambda: [SAM(rho=0.05)], 2.1),
+    "FSAM": (lambda: [FSAM(rho=0.05, mask_interval=10)], 2.2),
+}
+
+
+def fit_seconds(case: str, args: argparse.Namespace) -> tuple[float, int, float]:
+    """Fit once; return (fit seconds, optimizer steps, seconds inside TimedDynamics hooks)."""
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(
         noise_rate=0.4, batch_size=args.batch_size, image_size=args.image_size, seed=0
     )
     model = ImageClassifier(args.backbone, num_classes=dm.num_classes, in_chans=dm.in_chans)
-    callbacks = [TimedDynamics(k=3)] if with_dynamics else []
+    callbacks = CASES[case][0]()
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="auto",
@@ -65,7 +81,7 @@ def fit_seconds(with_dynamics: bool, args: argparse.Namespace, root: Path) -> tu
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        default_root_dir=root,
+        default_root_dir=args.root,
     )
     dm.setup("fit")
     start = time.perf_counter()
@@ -73,56 +89,54 @@ def fit_seconds(with_dynamics: bool, args: argparse.Namespace, root: Path) -> tu
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return elapsed, (callbacks[0].seconds if callbacks else 0.0)
+    in_hooks = sum(cb.seconds for cb in callbacks if isinstance(cb, TimedDynamics))
+    return elapsed, trainer.global_step, in_hooks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet10t")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--no-record", action="store_true", help="do not append to results.csv")
     args = parser.parse_args()
+    cases = ["plain", *[c for c in args.cases if c != "plain"]]
 
-    fit_seconds(False, args, args.root)  # warm-up: imports, allocator, first-call overheads
-    plain, dyn, hook_fraction = [], [], []
+    fit_seconds("plain", args)  # warm-up: imports, allocator, first-call overheads
+    per_step: dict[str, list[float]] = {c: [] for c in cases}
+    hook_fraction: list[float] = []
     for repeat in range(args.repeats):
-        order = (False, True) if repeat % 2 == 0 else (True, False)  # ABBA
-        for with_dynamics in order:
-            seconds, in_hooks = fit_seconds(with_dynamics, args, args.root)
-            if with_dynamics:
-                dyn.append(seconds)
+        shift = repeat % len(cases)
+        for case in cases[shift:] + cases[:shift]:  # rotate the order every repeat
+            seconds, steps, in_hooks = fit_seconds(case, args)
+            per_step[case].append(seconds / steps)
+            if case == "TrainingDynamics":
                 hook_fraction.append(in_hooks / seconds)
-            else:
-                plain.append(seconds)
-    p, d = statistics.median(plain), statistics.median(dyn)
-    ratio = d / p
-    hooks = statistics.median(hook_fraction)
+
+    plain = statistics.median(per_step["plain"])
     print(f"device: {device_name()}")
     print(
-        f"backbone {args.backbone}, {args.epochs} epochs x {args.repeats} repeats, digits "
-        f"({args.image_size}px, batch {args.batch_size})"
+        f"backbone {args.backbone}, digits {args.image_size}px, batch {args.batch_size}, "
+        f"{args.epochs} epochs x {args.repeats} repeats (rotating order)"
     )
-    print(f"{'case':<22}{'median fit s':>14}")
-    print(f"{'plain':<22}{p:>14.3f}")
-    print(f"{'+ TrainingDynamics':<22}{d:>14.3f}")
-    print(f"ratio (dynamics / plain): {ratio:.3f}x  (goal < 1.05x)")
-    print(
-        f"time inside the callback's hooks: {100 * hooks:.2f}% of fit time (i.e. {1 + hooks:.4f}x)"
-    )
+    print(f"{'case':<18}{'ms/step':>10}{'ratio':>9}{'goal':>8}")
+    rows = []
+    for case in cases:
+        ms = 1000 * statistics.median(per_step[case])
+        ratio = ms / (1000 * plain)
+        goal = CASES[case][1]
+        print(f"{case:<18}{ms:>10.1f}{ratio:>8.3f}x{'' if goal is None else f'{goal:>7.2f}x'}")
+        rows += [(f"{args.backbone}/{case}", "ms_per_step", ms), (case, "ratio", ratio)]
+    if hook_fraction:
+        hooks = statistics.median(hook_fraction)
+        print(f"time inside TrainingDynamics' hooks: {100 * hooks:.2f}% of its fit time")
+        rows.append(("TrainingDynamics", "hook_fraction", hooks))
     if not args.no_record:
-        append_results(
-            "overhead",
-            [
-                (f"{args.backbone}/plain", "median_fit_s", p),
-                (f"{args.backbone}/dynamics", "median_fit_s", d),
-                (args.backbone, "ratio", ratio),
-                (args.backbone, "hook_fraction", hooks),
-            ],
-        )
+        append_results("overhead", rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -557,12 +556,9 @@ def reference_ddp(rho: float, mode: str, steps: int = 8) -> nn.Module:
 
 @pytest.mark.ddp
 def test_ddp_matches_reference_and_replicas_agree(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    result = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    from _ddp import run_ddp_script
+
+    run_ddp_script(__file__, tmp_path)
     for mode in ("global", "local"):
         ranks = [json.loads((tmp_path / f"{mode}_rank{r}.json").read_text()) for r in range(2)]
         assert ranks[0] == ranks[1], f"{mode}: replicas diverged"
