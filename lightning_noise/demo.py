@@ -26,16 +26,44 @@ __all__ = ["DEMO_ROWS", "DemoRow", "MetricHistory", "find_recipe", "main", "run_
 
 @dataclass(frozen=True)
 class DemoRow:
-    """One method in the demo: a display name, a recipe file and extra CLI arguments."""
+    """One method in the demo.
+
+    Attributes:
+        name: display name.
+        recipe: file under ``recipes/``.
+        callbacks: presets under ``configs/callbacks/`` appended to the recipe's callbacks.
+        args: extra CLI arguments (e.g. ``--trainer.callbacks.rho=0.5`` sets the last
+            appended callback's ``rho``).
+    """
 
     name: str
     recipe: str
+    callbacks: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
 
 
-#: The demo's rows, in display order. Later methods append theirs here.
+#: The demo's rows, in display order. Later methods append theirs here. The SAM family uses
+#: the radius that wins on this small, fast-memorising problem (benchmarks/RESULTS.md).
 DEMO_ROWS: list[DemoRow] = [
     DemoRow("Cross-entropy (baseline)", "digits_baseline.yaml"),
+    DemoRow(
+        "GradientNoise",
+        "digits_baseline.yaml",
+        ("gradient_noise.yaml",),
+        ("--trainer.callbacks.eta=0.01",),
+    ),
+    DemoRow(
+        "SAM (rho=0.5)", "digits_baseline.yaml", ("sam.yaml",), ("--trainer.callbacks.rho=0.5",)
+    ),
+    DemoRow(
+        "ASAM (rho=2.0)", "digits_baseline.yaml", ("asam.yaml",), ("--trainer.callbacks.rho=2.0",)
+    ),
+    DemoRow(
+        "FSAM (rho=0.5)",
+        "digits_baseline.yaml",
+        ("fsam.yaml",),
+        ("--trainer.callbacks.rho=0.5", "--trainer.callbacks.mask_interval=10"),
+    ),
 ]
 
 #: Per-epoch metrics the demo records and plots.
@@ -82,16 +110,16 @@ class MetricHistory(pl.Callback):
         self._record(trainer, trainer.current_epoch - 1 if trainer.current_epoch else 0)
 
 
-def find_recipe(name: str) -> Path:
-    """Find a recipe by file name in ``./recipes`` or the repository's ``recipes/``."""
-    candidates = [Path(name), Path.cwd() / "recipes" / name]
-    candidates.append(Path(__file__).resolve().parents[1] / "recipes" / name)
+def find_recipe(name: str, folder: str = "recipes") -> Path:
+    """Find a file by name in ``./<folder>`` or the repository's ``<folder>/``."""
+    candidates = [Path(name), Path.cwd() / folder / name]
+    candidates.append(Path(__file__).resolve().parents[1] / folder / name)
     for path in candidates:
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"recipe {name!r} not found (looked in {[str(p) for p in candidates]}); run the demo "
-        "from the lightning-noise repository root, or pass the recipe's path"
+        f"{name!r} not found (looked in {[str(p) for p in candidates]}); run the demo "
+        "from the lightning-noise repository root, or pass the file's path"
     )
 
 
@@ -109,6 +137,7 @@ def run_row(row: DemoRow, *, out_dir: Path, extra_args: Sequence[str] = ()) -> R
         "--config",
         str(find_recipe(row.recipe)),
         f"--trainer.default_root_dir={run_dir}",
+        *(f"--trainer.callbacks+={find_recipe(c, 'configs/callbacks')}" for c in row.callbacks),
         *row.args,
         *extra_args,
     ]
@@ -149,37 +178,28 @@ def print_table(results: Sequence[RowResult], *, title: str) -> None:
 
 
 def plot_memorisation(results: Sequence[RowResult], path: Path) -> Path:
-    """Plot training accuracy on clean- vs noisy-labelled samples per epoch, one colour a row."""
+    """Two panels, one colour a row: training accuracy against the given labels on clean-
+    (solid) and noisy-labelled (dashed) samples per epoch, and validation accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (mem, val) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for i, result in enumerate(results):
-        colour = f"C{i}"
-        h = result.history
+        colour, h = f"C{i}", result.history
         epochs = range(1, len(h["train/acc_clean_labels"]) + 1)
-        ax.plot(
-            epochs,
-            h["train/acc_clean_labels"],
-            color=colour,
-            label=f"{result.row.name}: clean-labelled",
-        )
-        ax.plot(
-            epochs,
-            h["train/acc_noisy_labels"],
-            color=colour,
-            linestyle="--",
-            label=f"{result.row.name}: noisy-labelled (memorised)",
-        )
-        ax.plot(epochs, h["val/acc"], color=colour, linestyle=":", label=f"{result.row.name}: val")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (train: vs given label; val: vs clean label)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Memorisation of noisy labels")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+        mem.plot(epochs, h["train/acc_clean_labels"], color=colour, label=result.row.name)
+        mem.plot(epochs, h["train/acc_noisy_labels"], color=colour, linestyle="--")
+        val.plot(epochs, h["val/acc"], color=colour, label=result.row.name)
+    mem.set_title("Training accuracy vs given label: clean-labelled (solid), noisy (dashed)")
+    val.set_title("Validation accuracy (clean labels)")
+    for ax in (mem, val):
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    mem.set_ylabel("accuracy")
+    val.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -200,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> list[RowResult]:
     ns, extra = parser.parse_known_args(argv)
     if ns.list:
         for row in DEMO_ROWS:
-            print(f"{row.name}: recipes/{row.recipe} {' '.join(row.args)}")
+            presets = " ".join(f"+configs/callbacks/{c}" for c in row.callbacks)
+            print(f"{row.name}: recipes/{row.recipe} {presets} {' '.join(row.args)}")
         return []
     rows = DEMO_ROWS
     if ns.rows:

@@ -36,3 +36,17 @@ def test_demo_runs_rows_and_writes_plot(tmp_path, capsys) -> None:
 def test_every_demo_recipe_exists() -> None:
     for row in demo.DEMO_ROWS:
         assert demo.find_recipe(row.recipe).is_file()
+        for preset in row.callbacks:
+            assert demo.find_recipe(preset, "configs/callbacks").is_file()
+
+
+def test_every_callback_has_a_demo_row() -> None:
+    import lightning_noise.callbacks as callbacks
+
+    presets = " ".join(
+        demo.find_recipe(p, "configs/callbacks").read_text()
+        for row in demo.DEMO_ROWS
+        for p in row.callbacks
+    )
+    for name in callbacks.__all__:
+        assert f"class_path: lightning_noise.callbacks.{name}\n" in presets, name
