@@ -122,7 +122,10 @@ def _ddp_main(out_dir: str) -> None:
             callbacks=[SETTINGS[name].make()],
         )
         trainer.fit(model, datamodule=dm)
-        torch.save(model.state_dict(), Path(out_dir) / f"{name}_rank{trainer.global_rank}.pt")
+        # Parameters only: BatchNorm buffers of rank 1 legitimately differ after the last step
+        # (DDP broadcasts rank 0's buffers at the start of each forward, not after it).
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        torch.save(params, Path(out_dir) / f"{name}_rank{trainer.global_rank}.pt")
         trainer.strategy.barrier()
     torch.distributed.destroy_process_group()
 
