@@ -26,6 +26,9 @@ def run_ddp_script(script: str | Path, *args: str | Path, timeout: float = 300) 
         for key, value in os.environ.items()
         if key not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK")
     }
+    # The script imports the shared test helpers (``_trainers``, ...) from tests/.
+    tests_dir = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, env.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, str(Path(script).resolve()), *map(str, args)],
         env=env,

@@ -7,7 +7,6 @@ The DDP test runs this file as a script (``python test_callback.py OUT_DIR``) wi
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _trainers import make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
@@ -79,30 +79,6 @@ class PlainModule(PerSampleModule):
         return super().training_step(batch, batch_idx)["loss"]
 
 
-def make_trainer(root, max_epochs: int, callbacks, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*")
-        yield
-
-
 def expected_from_frozen_model(model: PerSampleModule, data: IndexedDataset):
     """Correctness, margin and loss of a model that does not change: the store's oracle."""
     with torch.no_grad():
@@ -119,7 +95,7 @@ def test_records_every_sample_each_epoch_against_a_frozen_model(tmp_path):
     pl.seed_everything(0)
     model = PerSampleModule(lr=0.0)  # frozen: logits are the same in every epoch
     callback = TrainingDynamics(k=2)
-    trainer = make_trainer(tmp_path, 3, [callback])
+    trainer = make_trainer(tmp_path, [callback], max_epochs=3)
     trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True))
 
     correct, margin, loss = expected_from_frozen_model(model, data)
@@ -143,7 +119,7 @@ def test_training_changes_the_dynamics(tmp_path):
     data = IndexedDataset(40)
     pl.seed_everything(0)
     callback = TrainingDynamics()
-    trainer = make_trainer(tmp_path, 6, [callback])
+    trainer = make_trainer(tmp_path, [callback], max_epochs=6)
     trainer.fit(PerSampleModule(lr=1.0), DataLoader(data, batch_size=8, shuffle=True))
     history = callback.store.history
     assert history.shape == (40, 6)
@@ -158,7 +134,7 @@ def test_subset_indexes_the_full_training_set(tmp_path):
     data = IndexedDataset(30)
     kept = [1, 4, 5, 9, 20, 29]
     callback = TrainingDynamics(k=1)
-    trainer = make_trainer(tmp_path, 2, [callback])
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2)
     trainer.fit(PerSampleModule(), DataLoader(Subset(data, kept), batch_size=4))
     store = callback.store
     assert store.num_samples == 30
@@ -167,26 +143,26 @@ def test_subset_indexes_the_full_training_set(tmp_path):
 
 def test_explicit_num_samples_with_an_iterable_dataset(tmp_path):
     callback = TrainingDynamics(num_samples=12)
-    trainer = make_trainer(tmp_path, 1, [callback])
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
     trainer.fit(PerSampleModule(), DataLoader(IndexedIterable(10), batch_size=4))
     assert callback.store.num_samples == 12
     assert callback.store.seen.tolist() == [True] * 10 + [False] * 2
 
 
 def test_dataset_without_length_needs_num_samples(tmp_path):
-    trainer = make_trainer(tmp_path, 1, [TrainingDynamics()])
+    trainer = make_trainer(tmp_path, [TrainingDynamics()], max_epochs=1)
     with pytest.raises(ValueError, match=r"TrainingDynamics\(num_samples=\.\.\.\)"):
         trainer.fit(PerSampleModule(), DataLoader(IndexedIterable(10), batch_size=4))
 
 
 def test_plain_tensor_training_step_fails_clearly(tmp_path):
-    trainer = make_trainer(tmp_path, 1, [TrainingDynamics()])
+    trainer = make_trainer(tmp_path, [TrainingDynamics()], max_epochs=1)
     with pytest.raises(TypeError, match="training_step to return a dict with keys"):
         trainer.fit(PlainModule(), DataLoader(IndexedDataset(8), batch_size=4))
 
 
 def test_index_outside_the_declared_size_fails_clearly(tmp_path):
-    trainer = make_trainer(tmp_path, 1, [TrainingDynamics(num_samples=5)])
+    trainer = make_trainer(tmp_path, [TrainingDynamics(num_samples=5)], max_epochs=1)
     with pytest.raises(ValueError, match=r"index \d+ is outside \[0, 5\).*resize"):
         trainer.fit(PerSampleModule(), DataLoader(IndexedDataset(8), batch_size=4))
 
@@ -227,7 +203,7 @@ def fit_dynamics(root, max_epochs: int, *, seed: int = 0, ckpt_path=None, save_t
     pl.seed_everything(seed)
     model = PerSampleModule(lr=0.5)
     callback = TrainingDynamics(k=2)
-    trainer = make_trainer(root, max_epochs, [callback])
+    trainer = make_trainer(root, [callback], max_epochs=max_epochs)
     trainer.fit(model, DataLoader(IndexedDataset(26), batch_size=8), ckpt_path=ckpt_path)
     if save_to is not None:
         trainer.save_checkpoint(save_to)
@@ -314,16 +290,9 @@ def ddp_main(out_dir: str) -> None:
 
 @pytest.mark.ddp
 def test_ddp_ranks_hold_identical_stores_equal_to_one_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
-    env.pop("MASTER_PORT", None)
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from _ddp import run_ddp_script
+
+    run_ddp_script(__file__, tmp_path)
 
     def load(name):
         return torch.load(tmp_path / name, weights_only=True)
@@ -335,7 +304,7 @@ def test_ddp_ranks_hold_identical_stores_equal_to_one_process(tmp_path):
     order = [b for pair in zip(*map(shard_batches, DDP_SHARDS), strict=True) for b in pair]
     pl.seed_everything(0)
     callback = TrainingDynamics()
-    trainer = make_trainer(tmp_path / "single", DDP_EPOCHS, [callback])
+    trainer = make_trainer(tmp_path / "single", [callback], max_epochs=DDP_EPOCHS)
     trainer.fit(PerSampleModule(lr=0.0), DataLoader(IndexedDataset(DDP_N), batch_sampler=order))
     assert_states_equal(frozen[0], callback.store.state_dict())
     assert bool(callback.store.seen.all()) and callback.store.num_epochs == DDP_EPOCHS
