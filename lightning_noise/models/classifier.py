@@ -174,13 +174,16 @@ class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
         losses = self.per_sample_loss(logits, target)
         sample_batch = SampleBatch.create(index, target, logits, losses)
         loss = self.reduce_loss(losses, sample_batch)
+        self.log_train_step(loss, sample_batch)
+        return self.step_outputs(loss, sample_batch)
 
+    def log_train_step(self, loss: Tensor, sample_batch: SampleBatch) -> None:
+        """Log the training loss and accuracy and update the memorisation curve."""
         n = len(sample_batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         self.train_acc(sample_batch.logits, sample_batch.target)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         self._update_memorisation(sample_batch)
-        return self.step_outputs(loss, sample_batch)
 
     def _update_memorisation(self, batch: SampleBatch) -> None:
         if self.noise_mask.numel() == 0:
