@@ -64,6 +64,7 @@ DEMO_ROWS: list[DemoRow] = [
         ("fsam.yaml",),
         ("--trainer.callbacks.rho=0.5", "--trainer.callbacks.mask_interval=10"),
     ),
+    DemoRow("Co-teaching", "digits_coteaching.yaml"),
 ]
 
 #: Per-epoch metrics the demo records and plots.
