@@ -138,6 +138,8 @@ def run_row(row: DemoRow, *, out_dir: Path, extra_args: Sequence[str] = ()) -> R
         "--config",
         str(find_recipe(row.recipe)),
         f"--trainer.default_root_dir={run_dir}",
+        # Each row logs under its own folder (every recipe configures a logger with save_dir).
+        f"--trainer.logger.init_args.save_dir={run_dir}",
         *(f"--trainer.callbacks+={find_recipe(c, 'configs/callbacks')}" for c in row.callbacks),
         *row.args,
         *extra_args,

@@ -17,7 +17,6 @@ def test_demo_runs_rows_and_writes_plot(tmp_path, capsys) -> None:
             "--trainer.limit_train_batches=3",
             "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--model.init_args.backbone=test_resnet",
             "--data.init_args.image_size=16",
         ]
