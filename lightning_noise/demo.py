@@ -64,6 +64,8 @@ DEMO_ROWS: list[DemoRow] = [
         ("fsam.yaml",),
         ("--trainer.callbacks.rho=0.5", "--trainer.callbacks.mask_interval=10"),
     ),
+    DemoRow("Small-loss selection", "digits_baseline.yaml", ("small_loss.yaml",)),
+    DemoRow("Adaptive-k", "digits_baseline.yaml", ("adaptive_k.yaml",)),
     DemoRow("Co-teaching", "digits_coteaching.yaml"),
 ]
 

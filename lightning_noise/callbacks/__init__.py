@@ -2,5 +2,6 @@
 
 from lightning_noise.callbacks.gradient_noise import GradientNoise
 from lightning_noise.callbacks.sam import ASAM, FSAM, SAM
+from lightning_noise.callbacks.sample_selection import AdaptiveK, SmallLossSelection
 
-__all__ = ["ASAM", "FSAM", "SAM", "GradientNoise"]
+__all__ = ["ASAM", "FSAM", "SAM", "AdaptiveK", "GradientNoise", "SmallLossSelection"]

@@ -17,29 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# One schedule for Co-teaching and small-loss selection: the official rate_schedule, exactly.
+from lightning_noise.callbacks.sample_selection import coteaching_forget_rate
 from lightning_noise.types import SampleBatch
 
 __all__ = ["CoTeachingMixin", "coteaching_forget_rate", "coteaching_selection"]
-
-
-def coteaching_forget_rate(
-    epoch: int, *, forget_rate: float, num_gradual: int = 10, exponent: float = 1.0
-) -> float:
-    """R(T): the fraction of each batch dropped at ``epoch`` (0-based), Co-teaching's schedule.
-
-    The official code builds ``rate_schedule = ones(n_epoch) * tau`` and overwrites its first
-    ``num_gradual`` entries with ``linspace(0, tau ** exponent, num_gradual)``: epoch 0 drops
-    nothing and epoch ``num_gradual - 1`` drops ``tau ** exponent``; later epochs drop ``tau``.
-
-    Example:
-        >>> [round(coteaching_forget_rate(e, forget_rate=0.4, num_gradual=5), 2) for e in range(7)]
-        [0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4]
-    """
-    if epoch >= num_gradual:
-        return float(forget_rate)
-    if num_gradual == 1:
-        return 0.0  # linspace(0, x, 1) == [0]: the official first epoch drops nothing
-    return float(forget_rate**exponent * epoch / (num_gradual - 1))
 
 
 def _small_loss(losses: Tensor, candidates: Tensor, forget_rate: float) -> Tensor:

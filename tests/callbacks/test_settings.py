@@ -36,6 +36,10 @@ SETTINGS: dict[str, Setting] = {
     "SAM": Setting(lambda: callbacks.SAM(rho=0.05), "sam.yaml"),
     "ASAM": Setting(lambda: callbacks.ASAM(rho=0.5), "asam.yaml"),
     "FSAM": Setting(lambda: callbacks.FSAM(rho=0.05, mask_interval=3), "fsam.yaml"),
+    "SmallLossSelection": Setting(
+        lambda: callbacks.SmallLossSelection(forget_rate=0.4, num_gradual=2), "small_loss.yaml"
+    ),
+    "AdaptiveK": Setting(lambda: callbacks.AdaptiveK(warmup_epochs=0), "adaptive_k.yaml"),
 }
 NAMES = sorted(SETTINGS)
 
