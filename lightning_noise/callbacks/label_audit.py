@@ -1,0 +1,535 @@
+"""Label audit: rank training samples by how likely their label is wrong, at the end of fit.
+
+The suspicion scores come from the per-sample training dynamics that
+:class:`~lightning_noise.dynamics.TrainingDynamics` records:
+
+* ``"aum"`` -- a low area under the margin (Pleiss et al., NeurIPS 2020, "Identifying
+  Mislabeled Data using the Area Under the Margin Ranking"): mislabeled samples keep a
+  low or negative margin of their given label over the strongest other class.
+* ``"forgetting"`` -- many forgetting events (Toneva et al., ICLR 2019, "An Empirical Study
+  of Example Forgetting during Deep Neural Network Learning"); samples never learned count
+  as forgotten infinitely often, as in the paper.
+* ``"loss"`` -- a high last loss (the small-loss criterion of Co-teaching, Han et al.,
+  NeurIPS 2018, read the other way round).
+* ``"first_learned"`` -- a late (or no) first-time k-epoch learning epoch (Late Stopping,
+  Yuan et al., ICCV 2023, "Late Stopping: Avoiding Confidently Learning from Mislabeled
+  Examples").
+
+The trainer-free core is :func:`suspicion_scores` (store -> one score per sample) and
+:func:`rank_samples` (scores -> order); :class:`LabelAudit` is the Lightning adapter that
+also predicts labels, writes the report and measures detection against a known noise mask.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
+from lightning_noise.metrics import noise_detection_scores
+
+__all__ = ["SCORES", "LabelAudit", "rank_samples", "raw_statistic", "suspicion_scores"]
+
+#: The suspicion scores :class:`LabelAudit` knows.
+SCORES = ("aum", "forgetting", "loss", "first_learned")
+
+#: Name of the raw statistic behind each score (a column of the report).
+_STATISTIC = {
+    "aum": "aum",
+    "forgetting": "forgetting_events",
+    "loss": "last_loss",
+    "first_learned": "first_learned_epoch",
+}
+
+_DEFAULT_FLAG_FRACTION = 0.1
+
+
+def _check_score(score: Any) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    return score
+
+
+def raw_statistic(store: DynamicsStore, score: str, *, k: int = 3) -> Tensor:
+    """``[N]`` float64 statistic behind ``score``, as the papers define it; NaN if never seen.
+
+    ``"aum"``: the area under the margin; ``"forgetting"``: the number of forgetting events;
+    ``"loss"``: the last recorded loss; ``"first_learned"``: the first-time ``k``-epoch
+    learning epoch, -1 when never reached.
+    """
+    score = _check_score(score)
+    if score == "aum":
+        value = store.aum()
+    elif score == "forgetting":
+        value = store.forgetting_events().double()
+    elif score == "loss":
+        value = store.last_loss.double()
+    else:
+        value = store.first_learned_epoch(k).double()
+    return torch.where(store.seen, value, torch.full_like(value, math.nan))
+
+
+def suspicion_scores(store: DynamicsStore, score: str, *, k: int = 3) -> Tensor:
+    """``[N]`` float64 suspicion of every sample's label: higher is more likely mislabeled.
+
+    * ``"aum"``: minus the AUM (Pleiss et al. 2020).
+    * ``"forgetting"``: the number of forgetting events (Toneva et al. 2019); ``inf`` for a
+      sample that was seen but never predicted as its given label, which Toneva et al.
+      count as forgotten infinitely often.
+    * ``"loss"``: the last recorded per-sample loss.
+    * ``"first_learned"``: the first-time ``k``-epoch learning epoch (Yuan et al. 2023);
+      ``inf`` when the sample never reached it.
+
+    Samples the store never saw get NaN (they have no score).
+
+    Args:
+        store: The training dynamics.
+        score: One of :data:`SCORES`.
+        k: Run length of first-time k-epoch learning (only for ``"first_learned"``).
+
+    Example:
+        >>> from lightning_noise.types import SampleBatch
+        >>> store = DynamicsStore(3)
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+        >>> target = torch.tensor([0, 1, 1])
+        >>> store.update(SampleBatch.create(torch.arange(3), target, logits, torch.zeros(3)), 0)
+        >>> suspicion_scores(store, "aum").tolist()
+        [-2.0, -1.0, 3.0]
+        >>> suspicion_scores(store, "first_learned", k=1).tolist()
+        [0.0, 0.0, inf]
+    """
+    score = _check_score(score)
+    value = raw_statistic(store, score, k=k)
+    if score == "aum":
+        return -value
+    if score == "forgetting":
+        never_learned = store.seen & ~store.ever_learned()
+        return value.masked_fill(never_learned, math.inf)
+    if score == "first_learned":
+        return value.masked_fill(value < 0, math.inf)
+    return value
+
+
+def rank_samples(suspicion: Tensor, tie_break: Tensor | None = None) -> Tensor:
+    """Indices of the scored samples, most suspicious first.
+
+    Samples with a NaN suspicion (never seen) are left out. Ties, common for the integer
+    scores (forgetting events, first-learned epochs), are broken by ``tie_break`` (higher
+    first; the audit passes the last loss), then by index, so the order is deterministic.
+
+    Args:
+        suspicion: ``[N]`` scores, higher is more suspicious.
+        tie_break: Optional ``[N]`` secondary key, higher first; NaN sorts last.
+
+    Example:
+        >>> rank_samples(torch.tensor([1.0, 3.0, float("nan"), 1.0]), torch.tensor([0, 0, 0, 5.0]))
+        tensor([1, 3, 0])
+    """
+    suspicion = suspicion.detach().reshape(-1).cpu()
+    index = torch.nonzero(~torch.isnan(suspicion)).reshape(-1)
+    if tie_break is not None:
+        secondary = tie_break.detach().reshape(-1).cpu().double()[index]
+        secondary = torch.nan_to_num(secondary, nan=-math.inf)
+        # Stable sorts from the least to the most significant key: a lexicographic order.
+        index = index[torch.sort(secondary, descending=True, stable=True).indices]
+    order = torch.sort(suspicion[index], descending=True, stable=True).indices
+    return index[order]
+
+
+def _check_optional_int(name: str, value: Any, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}")
+    return value
+
+
+_NEEDS_INDEX = (
+    "LabelAudit needs training samples (input, target, index); wrap the training set in "
+    "lightning_noise.data.NoisyLabels(dataset, rate=0.0) to add sample indices"
+)
+
+
+def _is_indexed_sample(sample: Any) -> bool:
+    return isinstance(sample, list | tuple) and len(sample) == 3
+
+
+def _full_dataset(dataset: Any) -> Any:
+    """The full training set behind ``dataset`` (indices are positions in it; protocol 1)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+class LabelAudit(Callback):
+    """Rank the training samples by a suspicion score and report the likely mislabeled ones.
+
+    At the end of fit (``on_train_end``) the callback reads the store of the
+    :class:`~lightning_noise.dynamics.TrainingDynamics` callback (which must be among the
+    trainer's callbacks), scores every sample with :func:`suspicion_scores` and ranks them
+    with :func:`rank_samples` (ties broken by the last loss). It writes
+    ``label_audit_<score>.csv`` to ``output_dir``, one row per sample, most suspicious first:
+
+    ``rank, index, given_label, predicted_label, score, <statistic>, flagged`` and, when the
+    training set has a known ``noise_mask``, ``is_noisy`` (and ``clean_label`` when it has
+    ``clean_targets``). ``score`` is the suspicion (higher is more suspicious, e.g. minus the
+    AUM); ``<statistic>`` the raw value (``aum``, ``forgetting_events``, ``last_loss`` or
+    ``first_learned_epoch``, -1 for never); ``flagged`` marks the top ``flag_fraction``.
+
+    **Predicted labels** come from one inference pass after training: the final model, in
+    eval mode under ``torch.no_grad`` and the trainer's precision context, runs over the full
+    training set behind ``trainer.train_dataloader`` (a ``Subset`` is unwrapped) with a plain
+    ``DataLoader`` (no shuffle, the training loader's batch size, workers and collate
+    function). Each batch's ``(input, target, index)`` gives the sample's index and its given
+    label, so the report never depends on the order of the dataset. Under DDP rank zero's
+    model predicts (other ranks' BatchNorm buffers may differ after the last step) and
+    broadcasts the labels, so every rank ends with the same attributes. The pass sees the
+    training set's own transform: with random augmentation the prediction is that of one
+    augmented view. The module's ``forward`` must return logits; override
+    :meth:`predict_logits` otherwise. It costs one forward-only pass over the training set.
+
+    **Detection.** When the training dataset (or the datamodule) has a ``noise_mask``, the
+    callback measures how well the top ``flag_fraction`` of the ranking finds the noisy
+    labels (precision, recall and F1, as :class:`~lightning_noise.metrics.NoiseDetection`
+    defines them), stores them in :attr:`detection`, logs them to every logger of the
+    trainer as ``label_audit/<score>/{precision,recall,f1}``, and plots histograms of the
+    statistic for clean and noisy samples to ``label_audit_<score>.png`` (without a mask,
+    one histogram of all samples). Clean labels are read for this report only, never by a
+    method (DESIGN.md protocol 1).
+
+    Every rank computes the same ranking (the dynamics store is identical on all ranks);
+    rank zero writes the files.
+
+    Args:
+        score: One of ``"aum"``, ``"forgetting"``, ``"loss"`` or ``"first_learned"`` (the
+            latter with the ``k`` of the ``TrainingDynamics`` callback).
+        top_k: Write only the ``top_k`` most suspicious samples; ``None`` writes all.
+        output_dir: Folder of the report; ``None`` is ``<trainer.log_dir>/label_audit``
+            (``trainer.default_root_dir`` without a logger).
+        flag_fraction: Fraction of the ranked samples flagged as mislabeled, in ``(0, 1]``;
+            ``None`` uses the realised noise fraction when the noise mask is known, else 0.1.
+
+    Attributes set at the end of fit (on every rank): ``scores`` (``[N]`` suspicion, NaN if
+    never seen), ``ranking`` (indices, most suspicious first), ``given_labels`` and
+    ``predicted_labels`` (``[N]``, -1 where a sample was not predicted), ``flagged``
+    (``[N]`` bool), ``detection`` (``{"precision", "recall", "f1", "flag_fraction"}`` floats,
+    or ``None`` without a noise mask), ``csv_path`` and ``plot_path``.
+
+    Example:
+        >>> audit = LabelAudit(score="aum", top_k=100)
+        >>> trainer = pl.Trainer(callbacks=[TrainingDynamics(), audit], logger=False)
+        >>> audit.state_dict()["score"]
+        'aum'
+    """
+
+    def __init__(
+        self,
+        score: str = "aum",
+        top_k: int | None = None,
+        output_dir: str | None = None,
+        flag_fraction: float | None = None,
+    ) -> None:
+        self.score = _check_score(score)
+        self.top_k = _check_optional_int("top_k", top_k, 1)
+        if output_dir is not None and not isinstance(output_dir, str | os.PathLike):
+            raise ValueError(f"output_dir must be None or a path, got {output_dir!r}")
+        self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        if flag_fraction is not None:
+            ok = isinstance(flag_fraction, int | float) and not isinstance(flag_fraction, bool)
+            if not ok or not 0.0 < flag_fraction <= 1.0:
+                raise ValueError(f"flag_fraction must be None or in (0, 1], got {flag_fraction!r}")
+            flag_fraction = float(flag_fraction)
+        self.flag_fraction = flag_fraction
+        self._reset_results()
+
+    def _reset_results(self) -> None:
+        self.scores: Tensor | None = None
+        self.ranking: Tensor | None = None
+        self.given_labels: Tensor | None = None
+        self.predicted_labels: Tensor | None = None
+        self.flagged: Tensor | None = None
+        self.detection: dict[str, float] | None = None
+        self.csv_path: str | None = None
+        self.plot_path: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        # Lightning refuses two stateful callbacks with one key: two audits may differ in any
+        # hyperparameter (e.g. the same score written to two folders).
+        return self._generate_state_key(
+            score=self.score,
+            top_k=self.top_k,
+            output_dir=self.output_dir,
+            flag_fraction=self.flag_fraction,
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            TrainingDynamics.find(trainer)  # fail before training, naming the fix
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset_results()
+        dynamics = TrainingDynamics.find(trainer)
+        store = dynamics.store
+        n = store.num_samples
+        self.scores = suspicion_scores(store, self.score, k=dynamics.k)
+        statistic = raw_statistic(store, self.score, k=dynamics.k)
+        self.ranking = rank_samples(self.scores, tie_break=store.last_loss)
+        dataset = self._training_set(trainer)
+        self.given_labels, self.predicted_labels = self._predict(trainer, pl_module, dataset, n)
+        noise_mask, clean_targets = self._noise_info(trainer, dataset, n)
+
+        fraction = self.flag_fraction
+        if fraction is None:
+            known = noise_mask is not None and self.ranking.numel() > 0
+            fraction = (
+                float(noise_mask[self.ranking].float().mean()) if known else _DEFAULT_FLAG_FRACTION
+            )
+        num_flagged = min(self.ranking.numel(), max(1, round(fraction * self.ranking.numel())))
+        self.flagged = torch.zeros(n, dtype=torch.bool)
+        self.flagged[self.ranking[:num_flagged]] = True
+        if noise_mask is not None and self.ranking.numel() > 0:
+            # Over the ranked (seen) samples only: the local functional form, because every
+            # rank already holds all samples (a synced Metric would all-reduce for nothing).
+            result = noise_detection_scores(self.flagged[self.ranking], noise_mask[self.ranking])
+            self.detection = {key: float(value) for key, value in result.items()}
+            self.detection["flag_fraction"] = num_flagged / self.ranking.numel()
+        if self.ranking.numel() == 0:
+            rank_zero_warn(
+                "LabelAudit: the TrainingDynamics store recorded no sample, so the audit is "
+                "empty (did training run any batch?)"
+            )
+
+        # trainer.log_dir broadcasts from rank zero: every rank must call it.
+        root = self.output_dir
+        if root is None:
+            root = os.path.join(trainer.log_dir or trainer.default_root_dir, "label_audit")
+        self.csv_path = os.path.join(root, f"label_audit_{self.score}.csv")
+        self.plot_path = os.path.join(root, f"label_audit_{self.score}.png")
+        if self.detection is not None:
+            metrics = {
+                f"label_audit/{self.score}/{key}": self.detection[key]
+                for key in ("precision", "recall", "f1")
+            }
+            for logger in trainer.loggers:  # loggers log on rank zero only
+                logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.is_global_zero:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            self._write_csv(statistic, noise_mask, clean_targets)
+            self._write_plot(statistic, noise_mask)
+
+    # ------------------------------------------------------------ predictions
+    def predict_logits(self, pl_module: pl.LightningModule, inputs: Any) -> Tensor:
+        """``[B, C]`` logits of one batch of training inputs (``pl_module(inputs)``).
+
+        Override it for a module whose ``forward`` does not return logits.
+        """
+        return pl_module(inputs)
+
+    @staticmethod
+    def _training_set(trainer: pl.Trainer) -> Dataset | None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, DataLoader):
+            return _full_dataset(loader.dataset)
+        datamodule = getattr(trainer, "datamodule", None)
+        return getattr(datamodule, "train_dataset", None)
+
+    def _predict(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, n: int
+    ) -> tuple[Tensor, Tensor]:
+        """``([N] given labels, [N] predicted labels)`` from one inference pass, -1 if absent."""
+        given = torch.full((n,), -1, dtype=torch.long)
+        predicted = torch.full((n,), -1, dtype=torch.long)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "LabelAudit predicts labels over the training set, but could not find it: "
+                "trainer.train_dataloader must be one DataLoader over a dataset with a length "
+                "(or the datamodule must have `train_dataset`)"
+            )
+        # Checked on every rank, so that no rank waits in the broadcast for a failed rank zero.
+        if len(dataset) and not _is_indexed_sample(dataset[0]):
+            raise ValueError(_NEEDS_INDEX)
+        rows = None
+        if trainer.is_global_zero:
+            rows = self._predict_rows(trainer, pl_module, dataset)
+        if trainer.world_size > 1:
+            # Rank zero's model predicts for everyone: under DDP the BatchNorm buffers of the
+            # other ranks may differ after the last step (DDP broadcasts rank zero's buffers at
+            # the start of each forward, not after it), so their predictions could differ.
+            rows = trainer.strategy.broadcast(rows, src=0)
+        assert rows is not None
+        if rows.numel() and (rows[:, 0].min() < 0 or rows[:, 0].max() >= n):
+            raise ValueError(
+                f"the training set yields sample indices outside [0, {n}) of the "
+                "TrainingDynamics store; indices must be positions in the full training set"
+            )
+        given[rows[:, 0]] = rows[:, 1]
+        predicted[rows[:, 0]] = rows[:, 2]
+        return given, predicted
+
+    def _predict_rows(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any
+    ) -> Tensor:
+        """``[N, 3]`` int64 rows (index, given label, predicted label) on the CPU."""
+        loader = trainer.train_dataloader
+        plain = DataLoader(
+            dataset,
+            batch_size=getattr(loader, "batch_size", None) or 64,
+            shuffle=False,
+            num_workers=getattr(loader, "num_workers", 0),
+            collate_fn=getattr(loader, "collate_fn", None),
+        )
+        rows = []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                for batch in plain:
+                    if not _is_indexed_sample(batch):
+                        raise ValueError(_NEEDS_INDEX)
+                    inputs, target, index = trainer.strategy.batch_to_device(batch)
+                    prediction = self.predict_logits(pl_module, inputs).argmax(dim=1)
+                    row = torch.stack([index.long(), target.long(), prediction.long()], dim=1)
+                    rows.append(row.cpu())
+        finally:
+            pl_module.train(was_training)
+        return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.long)
+
+    @staticmethod
+    def _noise_info(
+        trainer: pl.Trainer, dataset: Any, n: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The training set's known noise mask and clean labels (report only), else None."""
+        sources = [dataset, getattr(trainer, "datamodule", None)]
+        mask = clean = None
+        for source in sources:
+            if source is not None and getattr(source, "noise_mask", None) is not None:
+                mask = torch.as_tensor(source.noise_mask, dtype=torch.bool).reshape(-1).cpu()
+                clean = getattr(source, "clean_targets", None)
+                break
+        if mask is None:
+            return None, None
+        if mask.numel() != n:
+            raise ValueError(
+                f"the training set's noise_mask has {mask.numel()} entries but the "
+                f"TrainingDynamics store indexes {n} samples; they must describe the same set"
+            )
+        if clean is not None:
+            clean = torch.as_tensor(clean, dtype=torch.long).reshape(-1).cpu()
+            if clean.numel() != n:
+                clean = None
+        return mask, clean
+
+    # ----------------------------------------------------------------- report
+    def _write_csv(
+        self, statistic: Tensor, noise_mask: Tensor | None, clean: Tensor | None
+    ) -> None:
+        assert self.ranking is not None and self.scores is not None
+        assert self.given_labels is not None and self.predicted_labels is not None
+        assert self.flagged is not None and self.csv_path is not None
+        rows = self.ranking if self.top_k is None else self.ranking[: self.top_k]
+        header = ["rank", "index", "given_label", "predicted_label", "score"]
+        header += [_STATISTIC[self.score], "flagged"]
+        if noise_mask is not None:
+            header.append("is_noisy")
+            if clean is not None:
+                header.append("clean_label")
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for rank, index in enumerate(rows.tolist()):
+                stat = float(statistic[index])
+                row: list[Any] = [
+                    rank,
+                    index,
+                    int(self.given_labels[index]),
+                    int(self.predicted_labels[index]),
+                    repr(float(self.scores[index])),
+                    int(stat) if self.score in ("forgetting", "first_learned") else repr(stat),
+                    int(self.flagged[index]),
+                ]
+                if noise_mask is not None:
+                    row.append(int(noise_mask[index]))
+                    if clean is not None:
+                        row.append(int(clean[index]))
+                writer.writerow(row)
+
+    def _plot_values(self, statistic: Tensor) -> tuple[Tensor, str]:
+        """Finite values to histogram and the axis label."""
+        assert self.scores is not None
+        if self.score == "aum":
+            return statistic, "area under the margin (low: suspicious)"
+        if self.score == "loss":
+            return statistic, "last loss (high: suspicious)"
+        # Forgetting events / first-learned epoch with "never learned" as inf: plot those one
+        # step past the largest finite value.
+        values = self.scores.clone()
+        finite = values[torch.isfinite(values)]
+        never = (finite.max() + 1) if finite.numel() else torch.tensor(0.0, dtype=values.dtype)
+        values = values.masked_fill(torch.isinf(values), float(never))
+        what = "forgetting events" if self.score == "forgetting" else "first-learned epoch"
+        return values, f"{what} (never learned at {float(never):g})"
+
+    def _write_plot(self, statistic: Tensor, noise_mask: Tensor | None) -> None:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display
+
+        assert self.ranking is not None and self.flagged is not None
+        assert self.plot_path is not None
+        values, label = self._plot_values(statistic)
+        seen = self.ranking
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        if seen.numel():
+            data = values[seen].double()
+            groups = [("all samples", data, "tab:blue")]
+            if noise_mask is not None:
+                groups = [
+                    ("clean labels", data[~noise_mask[seen]], "tab:blue"),
+                    ("noisy labels", data[noise_mask[seen]], "tab:red"),
+                ]
+            lo, hi = float(data.min()), float(data.max())
+            if self.score in ("forgetting", "first_learned") and hi - lo <= 200:
+                bins = torch.arange(lo - 0.5, hi + 1.0, 1.0).tolist()  # one bin per integer
+            else:
+                bins = torch.linspace(lo, hi if hi > lo else lo + 1, 41).tolist()
+            for name, group, color in groups:
+                if group.numel():
+                    ax.hist(group.numpy(), bins=bins, alpha=0.55, color=color, label=name)
+            cut = float(values[self.ranking[int(self.flagged.sum()) - 1]])
+            ax.axvline(cut, color="black", linestyle="--", linewidth=1, label="flag threshold")
+            ax.legend()
+        ax.set_xlabel(label)
+        ax.set_ylabel("samples")
+        title = f"LabelAudit score={self.score}"
+        if self.detection is not None:
+            d = self.detection
+            title += f": precision {d['precision']:.2f}, recall {d['recall']:.2f}"
+        ax.set_title(title)
+        fig.savefig(self.plot_path, dpi=100)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        # The audit runs once at the end of fit from the TrainingDynamics store (which that
+        # callback checkpoints), so only the hyperparameters are saved, for inspection.
+        return {
+            "score": self.score,
+            "top_k": self.top_k,
+            "output_dir": self.output_dir,
+            "flag_fraction": self.flag_fraction,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        # Nothing to restore: the constructor's hyperparameters win (they are the state_key).
+        return None
