@@ -25,3 +25,15 @@ def make_trainer(root: Any, callbacks: list[pl.Callback], **kwargs: Any) -> pl.T
     )
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def ddp_trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    """The same quiet Trainer on two CPU processes (``strategy="ddp"``), training only.
+
+    For the scripts that ``tests/_ddp.py`` runs; validation and the sanity check are off.
+    """
+    options: dict[str, Any] = dict(
+        devices=2, strategy="ddp", limit_val_batches=0, num_sanity_val_steps=0
+    )
+    options.update(kwargs)
+    return make_trainer(None, callbacks, **options)

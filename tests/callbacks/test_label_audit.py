@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from _trainers import make_trainer
+from _trainers import ddp_trainer, make_trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -365,19 +365,7 @@ def ddp_main(out_dir: str) -> None:
     dm = digits()
     model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
     audit = LabelAudit("aum", output_dir=str(Path(out_dir) / "audit"))
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[TrainingDynamics(), audit],
-    )
+    trainer = ddp_trainer([TrainingDynamics(), audit], max_epochs=2)
     trainer.fit(model, datamodule=dm)
     result = {
         "ranking": audit.ranking,

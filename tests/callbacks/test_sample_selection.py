@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _trainers import make_trainer
+from _trainers import ddp_trainer, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
@@ -536,20 +536,7 @@ def _ddp_main(out_dir: str) -> None:
         )
         model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
         callback = make()
-        trainer = pl.Trainer(
-            max_epochs=2,
-            limit_train_batches=3,
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[callback],
-        )
+        trainer = ddp_trainer([callback], max_epochs=2, limit_train_batches=3)
         trainer.fit(model, datamodule=dm)
         # Parameters only: BatchNorm buffers of rank 1 legitimately differ after the last step.
         result = {

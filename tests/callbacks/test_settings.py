@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _trainers import ddp_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_noise.callbacks as callbacks
@@ -112,19 +113,7 @@ def _ddp_main(out_dir: str) -> None:
         pl.seed_everything(0, verbose=False)
         dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=100, seed=0)
         model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
-        trainer = pl.Trainer(
-            max_steps=3,
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[SETTINGS[name].make()],
-        )
+        trainer = ddp_trainer([SETTINGS[name].make()], max_steps=3)
         trainer.fit(model, datamodule=dm)
         # Parameters only: BatchNorm buffers of rank 1 legitimately differ after the last step
         # (DDP broadcasts rank 0's buffers at the start of each forward, not after it).

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _trainers import make_trainer
+from _trainers import ddp_trainer, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -133,11 +133,7 @@ def _ddp_main(out_dir: str) -> None:
     dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=100, seed=0)
     model = CoTeachingClassifier("test_resnet", num_classes=10, in_chans=1, forget_rate=0.4,
                                  num_gradual=1, plus_start_epoch=1)  # fmt: skip
-    trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = ddp_trainer([], max_epochs=2)
     trainer.fit(model, datamodule=dm)
     params = {k: p.detach() for k, p in model.named_parameters()}
     torch.save(params, Path(out_dir) / f"rank{trainer.global_rank}.pt")
