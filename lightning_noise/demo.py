@@ -45,7 +45,8 @@ class DemoRow:
 #: The demo's rows, in display order. Later methods append theirs here. The SAM family uses
 #: the radius that wins on this small, fast-memorising problem (benchmarks/RESULTS.md).
 DEMO_ROWS: list[DemoRow] = [
-    DemoRow("Cross-entropy (baseline)", "digits_baseline.yaml"),
+    # The label audit only observes: the baseline row also ranks its suspected noisy labels.
+    DemoRow("Cross-entropy (baseline)", "digits_baseline.yaml", ("label_audit.yaml",)),
     DemoRow(
         "GradientNoise",
         "digits_baseline.yaml",
@@ -157,7 +158,17 @@ def run_row(row: DemoRow, *, out_dir: Path, extra_args: Sequence[str] = ()) -> R
     # Test the model as training left it: the memorisation of noisy labels shows here.
     (test_metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics.update({k: float(v) for k, v in test_metrics.items()})
+    metrics.update(_detection_metrics(cli.trainer))
     return RowResult(row, metrics, history.history)
+
+
+def _detection_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """F1 of noisy-label detection by the row's method, where one reports it."""
+    for callback in trainer.callbacks:
+        detection = getattr(callback, "detection", None)
+        if isinstance(detection, dict) and "f1" in detection:
+            return {"noise detection F1": float(detection["f1"])}
+    return {}
 
 
 def print_table(results: Sequence[RowResult], *, title: str) -> None:
@@ -170,6 +181,7 @@ def print_table(results: Sequence[RowResult], *, title: str) -> None:
         ("best val acc", "best val/acc"),
         ("train acc, clean labels", "train/acc_clean_labels"),
         ("train acc, noisy labels", "train/acc_noisy_labels"),
+        ("noise detection F1", "noise detection F1"),
     ]
     table = Table(title=title)
     table.add_column("method")
@@ -177,7 +189,7 @@ def print_table(results: Sequence[RowResult], *, title: str) -> None:
         table.add_column(header, justify="right")
     for result in results:
         cells = [result.metrics.get(key, math.nan) for _, key in columns]
-        table.add_row(result.row.name, *(f"{c:.3f}" for c in cells))
+        table.add_row(result.row.name, *("-" if math.isnan(c) else f"{c:.3f}" for c in cells))
     # Off a terminal rich assumes 80 columns and wraps the headers; logs read better wide.
     Console(width=None if sys.stdout.isatty() else 140).print(table)
 

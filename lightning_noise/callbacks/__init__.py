@@ -1,7 +1,16 @@
 """Callbacks a user adds to an existing Trainer: one method a file."""
 
 from lightning_noise.callbacks.gradient_noise import GradientNoise
+from lightning_noise.callbacks.label_audit import LabelAudit
 from lightning_noise.callbacks.sam import ASAM, FSAM, SAM
 from lightning_noise.callbacks.sample_selection import AdaptiveK, SmallLossSelection
 
-__all__ = ["ASAM", "FSAM", "SAM", "AdaptiveK", "GradientNoise", "SmallLossSelection"]
+__all__ = [
+    "ASAM",
+    "FSAM",
+    "SAM",
+    "AdaptiveK",
+    "GradientNoise",
+    "LabelAudit",
+    "SmallLossSelection",
+]

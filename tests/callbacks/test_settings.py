@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_noise.callbacks as callbacks
 from lightning_noise.data import DigitsDataModule
+from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.models import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 class Setting:
     make: Callable[[], pl.Callback]
     preset: str  # file under configs/callbacks/
+    dynamics: bool = False  # reads the TrainingDynamics store (added before it)
+    changes_training: bool = True  # False for observers: the weights must equal plain training
 
 
 SETTINGS: dict[str, Setting] = {
@@ -41,6 +44,12 @@ SETTINGS: dict[str, Setting] = {
         lambda: callbacks.SmallLossSelection(forget_rate=0.4, num_gradual=2), "small_loss.yaml"
     ),
     "AdaptiveK": Setting(lambda: callbacks.AdaptiveK(warmup_epochs=0), "adaptive_k.yaml"),
+    "LabelAudit": Setting(
+        lambda: callbacks.LabelAudit(score="aum"),
+        "label_audit.yaml",
+        dynamics=True,
+        changes_training=False,
+    ),
 }
 NAMES = sorted(SETTINGS)
 
@@ -49,8 +58,20 @@ def test_every_callback_has_a_setting() -> None:
     assert set(callbacks.__all__) == set(SETTINGS), "add the new callback to SETTINGS"
 
 
+def _with_dynamics(name: str | None, callback: pl.Callback | None) -> list[pl.Callback]:
+    """The callback, after a ``TrainingDynamics`` when its setting reads the store."""
+    if callback is None:
+        return [TrainingDynamics()]  # observes only: plain training with every setting
+    return [TrainingDynamics(), callback] if SETTINGS[name].dynamics else [callback]
+
+
 def _fit(
-    tmp_path: Path, callback: pl.Callback | None, *, max_epochs: int, ckpt: Path | None = None
+    tmp_path: Path,
+    callback: pl.Callback | None,
+    *,
+    max_epochs: int,
+    ckpt: Path | None = None,
+    name: str | None = None,
 ) -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=200, seed=0)
@@ -65,7 +86,7 @@ def _fit(
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
         callbacks=[
-            *([] if callback is None else [callback]),
+            *_with_dynamics(name, callback),
             ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0),
         ],
     )
@@ -76,9 +97,10 @@ def _fit(
 @pytest.mark.parametrize("name", NAMES)
 def test_trains_and_resumes_exactly_on_the_real_stack(tmp_path, name) -> None:
     setting = SETTINGS[name]
-    straight = _fit(tmp_path / "a", setting.make(), max_epochs=2)
-    _fit(tmp_path / "b", setting.make(), max_epochs=1)
-    resumed = _fit(tmp_path / "c", setting.make(), max_epochs=2, ckpt=tmp_path / "b" / "last.ckpt")
+    straight = _fit(tmp_path / "a", setting.make(), max_epochs=2, name=name)
+    _fit(tmp_path / "b", setting.make(), max_epochs=1, name=name)
+    ckpt = tmp_path / "b" / "last.ckpt"
+    resumed = _fit(tmp_path / "c", setting.make(), max_epochs=2, ckpt=ckpt, name=name)
     plain = _fit(tmp_path / "d", None, max_epochs=2)
     changed = False
     for (key, a), b, c in zip(
@@ -89,7 +111,10 @@ def test_trains_and_resumes_exactly_on_the_real_stack(tmp_path, name) -> None:
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: {key} differs on resume")
         changed = changed or not torch.equal(a, c)
-    assert changed, f"{name} trained exactly like plain training"
+    if setting.changes_training:
+        assert changed, f"{name} trained exactly like plain training"
+    else:
+        assert not changed, f"{name} only observes, but training differs from plain training"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -113,7 +138,8 @@ def _ddp_main(out_dir: str) -> None:
         pl.seed_everything(0, verbose=False)
         dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=100, seed=0)
         model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
-        trainer = ddp_trainer([SETTINGS[name].make()], max_steps=3)
+        callbacks_ = _with_dynamics(name, SETTINGS[name].make())
+        trainer = ddp_trainer(callbacks_, max_steps=3, default_root_dir=out_dir)
         trainer.fit(model, datamodule=dm)
         # Parameters only: BatchNorm buffers of rank 1 legitimately differ after the last step
         # (DDP broadcasts rank 0's buffers at the start of each forward, not after it).
