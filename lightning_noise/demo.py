@@ -68,6 +68,7 @@ DEMO_ROWS: list[DemoRow] = [
     DemoRow("Small-loss selection", "digits_baseline.yaml", ("small_loss.yaml",)),
     DemoRow("Adaptive-k", "digits_baseline.yaml", ("adaptive_k.yaml",)),
     DemoRow("Co-teaching", "digits_coteaching.yaml"),
+    DemoRow("Late Stopping", "digits_late_stopping.yaml"),
 ]
 
 #: Per-epoch metrics the demo records and plots.

@@ -42,10 +42,12 @@ def test_every_demo_recipe_exists() -> None:
 def test_every_callback_has_a_demo_row() -> None:
     import lightning_noise.callbacks as callbacks
 
-    presets = " ".join(
+    # A row brings a callback through a preset it appends or through its recipe.
+    texts = " ".join(
         demo.find_recipe(p, "configs/callbacks").read_text()
         for row in demo.DEMO_ROWS
         for p in row.callbacks
     )
+    texts += " ".join(demo.find_recipe(row.recipe).read_text() for row in demo.DEMO_ROWS)
     for name in callbacks.__all__:
-        assert f"class_path: lightning_noise.callbacks.{name}\n" in presets, name
+        assert f"class_path: lightning_noise.callbacks.{name}\n" in texts, name

@@ -34,8 +34,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
+from lightning_noise.callbacks._reports import full_training_set, known_noise_info
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
 from lightning_noise.metrics import noise_detection_scores
 
@@ -165,13 +166,6 @@ def _is_indexed_sample(sample: Any) -> bool:
     return isinstance(sample, list | tuple) and len(sample) == 3
 
 
-def _full_dataset(dataset: Any) -> Any:
-    """The full training set behind ``dataset`` (indices are positions in it; protocol 1)."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
 class LabelAudit(Callback):
     """Rank the training samples by a suspicion score and report the likely mislabeled ones.
 
@@ -287,9 +281,9 @@ class LabelAudit(Callback):
         self.scores = suspicion_scores(store, self.score, k=dynamics.k)
         statistic = raw_statistic(store, self.score, k=dynamics.k)
         self.ranking = rank_samples(self.scores, tie_break=store.last_loss)
-        dataset = self._training_set(trainer)
+        dataset = full_training_set(trainer)
         self.given_labels, self.predicted_labels = self._predict(trainer, pl_module, dataset, n)
-        noise_mask, clean_targets = self._noise_info(trainer, dataset, n)
+        noise_mask, clean_targets = known_noise_info(trainer, dataset, n)
 
         fraction = self.flag_fraction
         if fraction is None:
@@ -337,14 +331,6 @@ class LabelAudit(Callback):
         Override it for a module whose ``forward`` does not return logits.
         """
         return pl_module(inputs)
-
-    @staticmethod
-    def _training_set(trainer: pl.Trainer) -> Dataset | None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, DataLoader):
-            return _full_dataset(loader.dataset)
-        datamodule = getattr(trainer, "datamodule", None)
-        return getattr(datamodule, "train_dataset", None)
 
     def _predict(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, n: int
@@ -406,31 +392,6 @@ class LabelAudit(Callback):
         finally:
             pl_module.train(was_training)
         return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.long)
-
-    @staticmethod
-    def _noise_info(
-        trainer: pl.Trainer, dataset: Any, n: int
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """The training set's known noise mask and clean labels (report only), else None."""
-        sources = [dataset, getattr(trainer, "datamodule", None)]
-        mask = clean = None
-        for source in sources:
-            if source is not None and getattr(source, "noise_mask", None) is not None:
-                mask = torch.as_tensor(source.noise_mask, dtype=torch.bool).reshape(-1).cpu()
-                clean = getattr(source, "clean_targets", None)
-                break
-        if mask is None:
-            return None, None
-        if mask.numel() != n:
-            raise ValueError(
-                f"the training set's noise_mask has {mask.numel()} entries but the "
-                f"TrainingDynamics store indexes {n} samples; they must describe the same set"
-            )
-        if clean is not None:
-            clean = torch.as_tensor(clean, dtype=torch.long).reshape(-1).cpu()
-            if clean.numel() != n:
-                clean = None
-        return mask, clean
 
     # ----------------------------------------------------------------- report
     def _write_csv(

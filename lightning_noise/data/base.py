@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from lightning_noise.data.noise import NOISE_TYPES, NoisyLabels
 
@@ -268,6 +268,9 @@ class NoisyLabelDataModule(pl.LightningDataModule):
 
     Accessing these before ``setup()`` runs ``setup()``.
 
+    :meth:`set_train_indices` restricts the training loader to a subset of the training split
+    (Late Stopping's shrinking training set); indices stay positions in the full split.
+
     Args:
         batch_size: samples per batch (per process under DDP).
         num_workers: DataLoader worker processes (persistent when > 0).
@@ -376,6 +379,7 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         self._train: NoisyLabels | None = None
         self._val: Dataset | None = None
         self._test: Dataset | None = None
+        self._train_indices: Tensor | None = None
         self._is_set_up = False
 
     # ------------------------------------------------------------------ subclass interface
@@ -510,7 +514,39 @@ class NoisyLabelDataModule(pl.LightningDataModule):
             return int(kwargs["num_replicas"]), int(kwargs["rank"])
         return 1, 0
 
-    def _train_sampler(self, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
+    def set_train_indices(self, indices: Tensor | Sequence[int] | None) -> None:
+        """Serve only these samples of the training split from now on (``None``: all of them).
+
+        The next :meth:`train_dataloader` iterates a ``Subset`` of :attr:`train_dataset`, so
+        left-out samples are never loaded, on any rank; batches keep yielding each sample's
+        index in the full training split. A trainer only calls :meth:`train_dataloader` again
+        when it reloads its training loader (Late Stopping makes it do so).
+
+        Raises:
+            ValueError: when an index is outside the training split or repeats.
+        """
+        if indices is None:
+            self._train_indices = None
+            return
+        index = torch.as_tensor(indices).reshape(-1)
+        if index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise ValueError(f"indices must be integers, got dtype {index.dtype}")
+        index = index.long().cpu()
+        n = len(self.train_dataset)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError(f"indices must be positions in the training split [0, {n})")
+        if torch.unique(index).numel() != index.numel():
+            raise ValueError("indices must not repeat")
+        self._train_indices = index.clone()
+
+    @property
+    def train_indices(self) -> Tensor | None:
+        """Positions served by :meth:`train_dataloader` (``None``: the whole training split)."""
+        return None if self._train_indices is None else self._train_indices.clone()
+
+    def _train_sampler(
+        self, num_replicas: int = 1, rank: int = 0, dataset: Dataset | None = None
+    ) -> DistributedSampler:
         # An explicit DistributedSampler, also on one process: Lightning keeps a
         # DistributedSampler it finds (it only injects its own when the sampler is not one) and
         # calls ``set_epoch(epoch)`` on it at the start of every epoch, from the checkpointed
@@ -518,7 +554,7 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         # sees exactly the batches the uninterrupted run would have seen, and the DDP shards
         # are deterministic and disjoint (up to the padding that evens out the shard sizes).
         return DistributedSampler(
-            self.train_dataset,
+            self.train_dataset if dataset is None else dataset,
             num_replicas=num_replicas,
             rank=rank,
             shuffle=True,
@@ -539,11 +575,16 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(input, noisy_target, index)`` (order from seed, epoch)."""
+        """Shuffled training batches ``(input, noisy_target, index)`` (order from seed, epoch).
+
+        Over the samples chosen by :meth:`set_train_indices`, when it was called.
+        """
         num_replicas, rank = self._replicas()
-        return self._loader(
-            self.train_dataset, sampler=self._train_sampler(num_replicas, rank), train=True
-        )
+        dataset: Dataset = self.train_dataset
+        if self._train_indices is not None:
+            dataset = Subset(dataset, self._train_indices.tolist())
+        sampler = self._train_sampler(num_replicas, rank, dataset)
+        return self._loader(dataset, sampler=sampler, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches ``(input, target)`` in order; ``[]`` when there is no split."""

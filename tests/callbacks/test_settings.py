@@ -44,6 +44,15 @@ SETTINGS: dict[str, Setting] = {
         lambda: callbacks.SmallLossSelection(forget_rate=0.4, num_gradual=2), "small_loss.yaml"
     ),
     "AdaptiveK": Setting(lambda: callbacks.AdaptiveK(warmup_epochs=0), "adaptive_k.yaml"),
+    # rate 0.05: round 1 ends after epoch 0 (58 FkL examples), so the resume crosses the
+    # switch to the final run on the kept set.
+    "LateStopping": Setting(
+        lambda: callbacks.LateStopping(
+            rate=0.05, rounds_per_k=(1,), warmup_epochs=0, final_epochs=1
+        ),
+        "late_stopping.yaml",
+        dynamics=True,
+    ),
     "LabelAudit": Setting(
         lambda: callbacks.LabelAudit(score="aum"),
         "label_audit.yaml",

@@ -261,3 +261,30 @@ def test_lightning_ddp_keeps_our_sampler(tmp_path: Path) -> None:
             expected.set_epoch(epoch)
             assert got["seen"][epoch] == list(expected)
     assert ranks[0]["seen"][0] != ranks[0]["seen"][1]
+
+
+def test_set_train_indices_serves_only_those_samples() -> None:
+    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=4)
+    dm.set_train_indices(torch.tensor([9, 3, 500, 0, 7]))
+    loaded = [i for _, _, index in dm.train_dataloader() for i in index.tolist()]
+    assert sorted(loaded) == [0, 3, 7, 9, 500]
+    # Labels stay those of the full training split at each index.
+    targets = {i: t for _, y, index in dm.train_dataloader() for i, t in zip(index.tolist(), y)}
+    assert all(int(targets[i]) == int(dm.noisy_targets[i]) for i in targets)
+    assert dm.train_indices.tolist() == [9, 3, 500, 0, 7]
+    dm.set_train_indices(None)
+    assert len(dm.train_dataloader().dataset) == len(dm.train_dataset)
+
+
+@pytest.mark.parametrize(
+    ("indices", "match"),
+    [
+        ([0, 5000], r"positions in the training split \[0, 1168\)"),
+        ([1, 1], "repeat"),
+        (torch.tensor([0.5]), "integers"),
+    ],
+)
+def test_set_train_indices_rejects_bad_indices(indices, match) -> None:
+    dm = DigitsDataModule(image_size=8, channels=1)
+    with pytest.raises(ValueError, match=match):
+        dm.set_train_indices(indices)

@@ -1,0 +1,459 @@
+"""Late Stopping: shrink the training set round by round to the examples learned first.
+
+Yuan, Feng and Liu, "Late Stopping: Avoiding Confidently Learning from Mislabeled Examples",
+ICCV 2023 (arXiv:2308.13862; official code ``tmllab/2023_ICCV_LateStopping``).
+
+Mislabeled examples reach *first-time k-epoch learning* (FkL: predicted as their given label
+in k consecutive epochs) later than clean ones, even hard clean ones. Late Stopping trains in
+rounds. In round ``r`` (1-based) a freshly initialised model trains on the current set; after
+each epoch past a warm-up, the examples that have reached FkL are counted, and as soon as
+their number reaches ``N_0 * prod(rate of rounds 1..r)`` (``N_0`` the full training set) the
+round ends and exactly those examples form the next round's set. Rounds 1-4 use ``k = 1``,
+5-8 ``k = 2`` and 9-12 ``k = 3``. A final run trains a fresh model on the last set.
+
+The trainer-free core is :func:`round_schedule` (the k and the target of every round) and
+:func:`fkl_selection` (store -> next set); :class:`LateStopping` drives the rounds inside one
+``Trainer.fit``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_noise.callbacks._reports import full_training_set, known_noise_info
+from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
+from lightning_noise.metrics import noise_detection_scores
+
+__all__ = ["LateStopping", "RoundPlan", "fkl_selection", "round_schedule"]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One selection round: its 1-based number, FkL run length and target count."""
+
+    round: int
+    k: int
+    target: int
+
+
+def _check_rates(rate: Any, stages: int) -> tuple[float, ...]:
+    rates = (rate,) * stages if isinstance(rate, numbers.Real) else tuple(rate)
+    if len(rates) != stages:
+        raise ValueError(
+            f"rate must be one number or one per k stage ({stages} for "
+            f"rounds_per_k of length {stages}), got {rate!r}"
+        )
+    for value in rates:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"rate must hold numbers in (0, 1), got {rate!r}")
+        if not 0.0 < float(value) < 1.0:
+            raise ValueError(f"rate must be in (0, 1) (the kept fraction per round), got {rate!r}")
+    return tuple(float(v) for v in rates)
+
+
+def _check_rounds(rounds_per_k: Any) -> tuple[int, ...]:
+    if isinstance(rounds_per_k, numbers.Integral) or isinstance(rounds_per_k, str):
+        raise ValueError(
+            f"rounds_per_k must be a sequence (rounds with k=1, k=2, ...), got {rounds_per_k!r}"
+        )
+    rounds = tuple(rounds_per_k)
+    for value in rounds:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"rounds_per_k must hold integers >= 0, got {rounds_per_k!r}")
+    if sum(rounds) < 1:
+        raise ValueError(f"rounds_per_k must schedule at least one round, got {rounds_per_k!r}")
+    return tuple(int(v) for v in rounds)
+
+
+def round_schedule(
+    num_samples: int, rate: float | Sequence[float] = 0.955, rounds_per_k: Sequence[int] = (4, 4, 4)
+) -> list[RoundPlan]:
+    """The selection rounds: ``k`` and the target number of FkL examples of each.
+
+    ``rounds_per_k[i]`` rounds use ``k = i + 1``; round ``r`` ends when
+    ``int(num_samples * prod(rate of rounds 1..r))`` examples have reached FkL, the rate of a
+    round being that of its k stage (the official code's ``remove_rate_1..3``).
+
+    Example:
+        >>> [(p.round, p.k, p.target) for p in round_schedule(45000, 0.955, (2, 1))]
+        [(1, 1, 42975), (2, 1, 41041), (3, 2, 39194)]
+    """
+    rounds = _check_rounds(rounds_per_k)
+    rates = _check_rates(rate, len(rounds))
+    plans: list[RoundPlan] = []
+    fraction = 1.0
+    for stage, count in enumerate(rounds):
+        for _ in range(count):
+            fraction *= rates[stage]
+            plans.append(RoundPlan(len(plans) + 1, stage + 1, int(num_samples * fraction)))
+    return plans
+
+
+def fkl_selection(store: DynamicsStore, current: Tensor, k: int, *, since: int) -> Tensor:
+    """Sorted indices of ``current`` that reached first-time ``k``-epoch learning.
+
+    Only observations from epoch ``since`` on count (the round's start plus its warm-up).
+
+    Example:
+        >>> from lightning_noise.types import SampleBatch
+        >>> store = DynamicsStore(3)
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+        >>> target = torch.tensor([0, 1, 1])
+        >>> batch = SampleBatch.create(torch.arange(3), target, logits, torch.zeros(3))
+        >>> store.update(batch, 0)
+        >>> fkl_selection(store, torch.tensor([0, 2]), 1, since=0).tolist()
+        [0]
+    """
+    learned = store.learned_mask(k, since=since)
+    current = current.long().cpu()
+    return current[learned[current]].sort().values
+
+
+class LateStopping(Callback):
+    """Late Stopping (Yuan et al., ICCV 2023) in one ``Trainer.fit``: the callback runs the rounds.
+
+    Each epoch past the round's warm-up, the callback reads first-time k-epoch learning from
+    the :class:`~lightning_noise.dynamics.TrainingDynamics` store (which must be among the
+    trainer's callbacks) over the current training set. When the number of FkL examples
+    reaches the round's target (:func:`round_schedule`) the round ends, and before the next
+    epoch the callback:
+
+    1. makes those examples the training set: it calls ``set_train_indices(indices)`` on the
+       datamodule (or the LightningModule) that provides ``train_dataloader`` and has the
+       trainer reload its training loader, so removed samples are never loaded again, on any
+       rank (:class:`~lightning_noise.data.NoisyLabelDataModule` implements it; see the
+       method card for your own DataModule);
+    2. re-initialises the model to the weights it had when fit started (the official code
+       builds a fresh random model each round; a snapshot makes rounds reproducible and
+       resumable whatever builds the model; it is checkpointed with the callback);
+    3. re-creates the optimizers and LR schedulers from ``configure_optimizers`` (fresh
+       state; a scheduler restarts with the round). :attr:`in_final_run` tells
+       ``configure_optimizers`` which run it configures.
+
+    After the last selection round, a final run trains the re-initialised model on the kept
+    set for ``final_epochs`` epochs, then the callback stops training. Give the Trainer
+    enough epochs (``max_epochs=-1`` leaves it to the callback); it warns at setup when
+    ``max_epochs`` is below the least the schedule needs, and at the end of fit when training
+    ended before the final run did.
+
+    **Logged** every epoch (``late_stopping/...``): ``round`` (1-based, rounds + 1 in the
+    final run), ``k``, ``learned`` (FkL examples of the round so far), ``target`` and
+    ``kept`` (the current set's size). At each round's end, when the training set knows its
+    noise mask: ``removed_precision``, ``removed_recall`` and ``removed_f1`` of all removed
+    samples taken as the noisy ones (clean labels are read for this report only).
+    :attr:`rounds` keeps one record per finished round; :attr:`detection` the latest
+    precision/recall/F1.
+
+    **Predictions.** FkL is read from the predictions of the training steps that
+    ``TrainingDynamics`` records (train mode, on the training augmentation, as the model
+    stood at each batch). The official code instead predicts the current set in eval mode
+    after each epoch (also with the training augmentation); that costs one more forward
+    pass over the set per epoch. The official code also counts epochs only up to the
+    previous one, which ends each round one epoch later than counting the epoch just
+    trained, as here.
+
+    **DDP.** The store is identical on every rank (all-gathered), so every rank takes the
+    same decision, keeps the same set and re-initialises to the same weights; the training
+    loader is rebuilt on every rank. Single-device and DDP strategies are supported.
+
+    Args:
+        rate: Fraction of the *full* training set kept per round: one number, or one per k
+            stage. The paper's scripts: 0.98 at 20% noise, 0.955 at 40% (CIFAR-10), 0.975 at
+            40% (CIFAR-100). About ``(1 - noise rate) ** (1 / rounds)`` keeps as many
+            samples as are clean.
+        rounds_per_k: Rounds with k = 1, k = 2, ... (official: 4, 4, 4).
+        warmup_epochs: Epochs at the start of each round that FkL does not count (official:
+            epochs 0-6, ``WARM_UP_EPOCHS = 6`` with ``epoch > 6``, so 7).
+        final_epochs: Epochs of the final run on the kept set (official: 300).
+        max_round_epochs: A selection round that has not reached its target after this
+            many epochs ends without removing anything (with a warning), as the official
+            code's rounds do after ``EPOCH = 300`` epochs.
+
+    Example:
+        >>> late = LateStopping(rate=0.955, rounds_per_k=(4, 4, 4), warmup_epochs=7)
+        >>> trainer = pl.Trainer(callbacks=[TrainingDynamics(), late], max_epochs=-1, logger=False)
+        >>> late.num_rounds, late.in_final_run
+        (12, False)
+    """
+
+    def __init__(
+        self,
+        rate: float | Sequence[float] = 0.955,
+        rounds_per_k: Sequence[int] = (4, 4, 4),
+        warmup_epochs: int = 7,
+        final_epochs: int = 300,
+        max_round_epochs: int = 300,
+    ) -> None:
+        self.rounds_per_k = _check_rounds(rounds_per_k)
+        self.rate = _check_rates(rate, len(self.rounds_per_k))
+        self.warmup_epochs = self._check_int("warmup_epochs", warmup_epochs, 0)
+        self.final_epochs = self._check_int("final_epochs", final_epochs, 1)
+        self.max_round_epochs = self._check_int("max_round_epochs", max_round_epochs, 1)
+        self.num_rounds = sum(self.rounds_per_k)
+        self._reset_state()
+
+    @staticmethod
+    def _check_int(name: str, value: Any, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        return int(value)
+
+    def _reset_state(self) -> None:
+        self.round_index = 0  # 0-based selection round; num_rounds is the final run
+        self.round_start_epoch = 0
+        self.kept: Tensor | None = None  # None: the full training set
+        self.num_samples: int | None = None  # N_0
+        self.finished = False
+        self.rounds: list[dict[str, float]] = []
+        self.detection: dict[str, float] | None = None
+        self._initial_state: dict[str, Tensor] | None = None
+        self._source: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return "LateStopping"
+
+    @property
+    def in_final_run(self) -> bool:
+        """Whether the selection rounds are over and the final run trains."""
+        return self.round_index >= self.num_rounds
+
+    @classmethod
+    def find(cls, trainer: pl.Trainer) -> LateStopping | None:
+        """The ``LateStopping`` among ``trainer.callbacks``, or ``None``."""
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, cls):
+                return callback
+        return None
+
+    def min_epochs_needed(self) -> int:
+        """The fewest epochs the schedule can take: warm-up + k per round, plus the final run."""
+        k_of_round = [stage + 1 for stage, n in enumerate(self.rounds_per_k) for _ in range(n)]
+        return sum(self.warmup_epochs + k for k in k_of_round) + self.final_epochs
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _find_source(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        for source in (getattr(trainer, "datamodule", None), pl_module):
+            if source is not None and callable(getattr(source, "set_train_indices", None)):
+                return source
+        raise ValueError(
+            "LateStopping shrinks the training set between rounds, so the DataModule (or the "
+            "LightningModule) that provides train_dataloader must implement "
+            "`set_train_indices(indices)` and build its next training loader over those "
+            "samples only; lightning_noise.data.NoisyLabelDataModule (and its digits, CIFAR "
+            "and ImageFolder subclasses) does. See docs/methods/late_stopping.md"
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        TrainingDynamics.find(trainer)  # fail before training, naming the fix
+        self._source = self._find_source(trainer, pl_module)
+        if not hasattr(trainer, "fit_loop") or not hasattr(trainer.fit_loop, "_combined_loader"):
+            raise RuntimeError(  # pragma: no cover - guards a Lightning-internal change
+                "LateStopping cannot make this Lightning version reload its training loader; "
+                "please report it with your Lightning version"
+            )
+        if getattr(pl_module, "automatic_optimization", True) is False:
+            rank_zero_warn(
+                "LateStopping re-creates the optimizers from configure_optimizers each round; "
+                "with manual optimization make sure your training_step uses self.optimizers() "
+                "rather than a reference kept from an earlier round"
+            )
+        max_epochs = trainer.max_epochs
+        needed = self.min_epochs_needed()
+        if max_epochs is not None and 0 <= max_epochs < needed:
+            rank_zero_warn(
+                f"LateStopping needs at least {needed} epochs ({self.num_rounds} rounds of "
+                f"{self.warmup_epochs} warm-up + k epochs, then {self.final_epochs} final "
+                f"epochs) but max_epochs={max_epochs}: training will end before the final run "
+                "unless you resume with more; set max_epochs=-1 to let LateStopping stop it"
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a resume the checkpoint has restored the state: keep its snapshot and set.
+        if self._initial_state is None:
+            self._initial_state = {
+                key: value.detach().to("cpu", copy=True)
+                for key, value in pl_module.state_dict().items()
+            }
+        # Before the fit loop requests its first training loader.
+        self._source.set_train_indices(self.kept)
+
+    # ------------------------------------------------------------------ rounds
+    def plan(self, num_samples: int) -> list[RoundPlan]:
+        """:func:`round_schedule` of this callback for ``num_samples`` training samples."""
+        return round_schedule(num_samples, self.rate, self.rounds_per_k)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.finished:
+            return
+        epoch = trainer.current_epoch
+        epochs_in_round = epoch + 1 - self.round_start_epoch
+        if self.in_final_run:
+            self._log(pl_module, k=0, learned=-1, target=-1)
+            if epochs_in_round >= self.final_epochs:
+                self.finished = True
+                trainer.should_stop = True
+                rank_zero_info(
+                    f"LateStopping: the final run trained {epochs_in_round} epochs on "
+                    f"{self._kept_count()} samples; stopping"
+                )
+            return
+
+        store = TrainingDynamics.find(trainer).store
+        if self.num_samples is None:
+            self.num_samples = store.num_samples
+        plan = self.plan(self.num_samples)[self.round_index]
+        current = self._current_set()
+        since = self.round_start_epoch + self.warmup_epochs
+        learned = (
+            fkl_selection(store, current, plan.k, since=since) if epoch >= since else current[:0]
+        )
+        self._log(pl_module, k=plan.k, learned=learned.numel(), target=plan.target)
+        if learned.numel() >= plan.target:
+            self._end_round(trainer, pl_module, learned, plan, epochs_in_round, reached=True)
+        elif epochs_in_round >= self.max_round_epochs:
+            rank_zero_warn(
+                f"LateStopping: round {plan.round} reached only {learned.numel()} of its "
+                f"{plan.target} FkL examples in max_round_epochs={self.max_round_epochs} "
+                "epochs; it ends without removing anything (as the official code does). "
+                "A higher rate or more epochs per round avoid this"
+            )
+            self._end_round(trainer, pl_module, current, plan, epochs_in_round, reached=False)
+
+    def _current_set(self) -> Tensor:
+        assert self.num_samples is not None
+        return torch.arange(self.num_samples) if self.kept is None else self.kept
+
+    def _kept_count(self) -> int:
+        if self.kept is None:
+            return self.num_samples or 0
+        return int(self.kept.numel())
+
+    def _log(self, pl_module: pl.LightningModule, *, k: int, learned: int, target: int) -> None:
+        values = {
+            "round": float(self.round_index + 1),
+            "kept": float(self._kept_count()),
+        }
+        if not self.in_final_run:
+            values.update(k=float(k), learned=float(learned), target=float(target))
+        for key, value in values.items():
+            # Identical on every rank (the store is all-gathered): the sync only averages
+            # equal numbers, and keeps Lightning from warning about unsynced epoch logs.
+            pl_module.log(
+                f"late_stopping/{key}", value, on_step=False, on_epoch=True, sync_dist=True
+            )
+
+    def _end_round(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        next_set: Tensor,
+        plan: RoundPlan,
+        epochs: int,
+        *,
+        reached: bool,
+    ) -> None:
+        record: dict[str, float] = {
+            **{key: float(value) for key, value in asdict(plan).items()},
+            "epochs": float(epochs),
+            "reached_target": float(reached),
+            "kept": float(next_set.numel()),
+        }
+        assert self.num_samples is not None
+        mask, _ = known_noise_info(trainer, full_training_set(trainer), self.num_samples)
+        if mask is not None:
+            removed = torch.ones(self.num_samples, dtype=torch.bool)
+            removed[next_set] = False
+            scores = noise_detection_scores(removed, mask)
+            self.detection = {key: float(value) for key, value in scores.items()}
+            record.update({f"removed_{key}": value for key, value in self.detection.items()})
+            for key in ("precision", "recall", "f1"):
+                pl_module.log(
+                    f"late_stopping/removed_{key}",
+                    self.detection[key],
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=True,
+                )
+        self.rounds.append(record)
+        rank_zero_info(
+            f"LateStopping: round {plan.round} (k={plan.k}) ended after {epochs} epochs; "
+            f"keeping {next_set.numel()} of {self.num_samples} samples"
+            + (
+                f" (removed as noisy: precision {self.detection['precision']:.3f}, "
+                f"recall {self.detection['recall']:.3f})"
+                if mask is not None and self.detection is not None
+                else ""
+            )
+        )
+        self.round_index += 1
+        self.round_start_epoch = trainer.current_epoch + 1
+        self.kept = next_set.clone()
+        self._restart(trainer, pl_module)
+
+    def _restart(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fresh weights, fresh optimizers and a training loader over the kept set."""
+        assert self._initial_state is not None
+        pl_module.load_state_dict(self._initial_state)
+        trainer.strategy.setup_optimizers(trainer)
+        self._source.set_train_indices(self.kept)
+        # Lightning 2.x has no public call to rebuild the training loader mid-fit: the fit
+        # loop requests a new one at the next epoch start when it holds none. A sampler that
+        # shrinks in place would not do: Lightning may wrap it with a fixed length.
+        trainer.fit_loop._combined_loader = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.finished:
+            where = (
+                f"in the final run ({trainer.current_epoch - self.round_start_epoch} of "
+                f"{self.final_epochs} epochs)"
+                if self.in_final_run
+                else f"in selection round {self.round_index + 1} of {self.num_rounds}"
+            )
+            rank_zero_warn(
+                f"LateStopping: training ended {where}, so the model is not the final Late "
+                "Stopping model; resume from the last checkpoint with a higher max_epochs "
+                "(or use max_epochs=-1)"
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round_index": self.round_index,
+            "round_start_epoch": self.round_start_epoch,
+            "kept": None if self.kept is None else self.kept.clone(),
+            "num_samples": self.num_samples,
+            "finished": self.finished,
+            "rounds": [dict(r) for r in self.rounds],
+            "detection": None if self.detection is None else dict(self.detection),
+            "initial_state": self._initial_state,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.round_index = int(state_dict["round_index"])
+        self.round_start_epoch = int(state_dict["round_start_epoch"])
+        kept = state_dict["kept"]
+        self.kept = None if kept is None else torch.as_tensor(kept).long().cpu()
+        self.num_samples = state_dict["num_samples"]
+        self.finished = bool(state_dict["finished"])
+        self.rounds = [dict(r) for r in state_dict["rounds"]]
+        detection = state_dict.get("detection")
+        self.detection = None if detection is None else dict(detection)
+        self._initial_state = state_dict["initial_state"]
+        if self.round_index > self.num_rounds:
+            raise ValueError(
+                f"the checkpoint's LateStopping is in round {self.round_index + 1}, beyond "
+                f"this callback's {self.num_rounds} rounds; resume with the same rounds_per_k"
+            )
