@@ -269,7 +269,11 @@ def test_set_train_indices_serves_only_those_samples() -> None:
     loaded = [i for _, _, index in dm.train_dataloader() for i in index.tolist()]
     assert sorted(loaded) == [0, 3, 7, 9, 500]
     # Labels stay those of the full training split at each index.
-    targets = {i: t for _, y, index in dm.train_dataloader() for i, t in zip(index.tolist(), y)}
+    targets = {
+        i: t
+        for _, y, index in dm.train_dataloader()
+        for i, t in zip(index.tolist(), y.tolist(), strict=True)
+    }
     assert all(int(targets[i]) == int(dm.noisy_targets[i]) for i in targets)
     assert dm.train_indices.tolist() == [9, 3, 500, 0, 7]
     dm.set_train_indices(None)
