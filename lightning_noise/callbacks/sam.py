@@ -333,6 +333,8 @@ def _quiet(pl_module: pl.LightningModule) -> Iterator[None]:
 
     ``self.log`` calls are dropped, and every torchmetrics ``Metric`` of the module is put
     back to its state before the pass, so epoch-level training metrics count each sample once.
+    Submodules with a ``paused_updates()`` context (e.g. ``ELRLoss``, whose per-sample targets
+    move at every training forward) run inside it, so their state moves once per step.
     """
     from torchmetrics import Metric
 
@@ -346,7 +348,12 @@ def _quiet(pl_module: pl.LightningModule) -> Iterator[None]:
     pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
     try:
-        yield
+        with contextlib.ExitStack() as paused:
+            for module in pl_module.modules():
+                pause = getattr(module, "paused_updates", None)
+                if callable(pause):
+                    paused.enter_context(pause())
+            yield
     finally:
         del pl_module.log, pl_module.log_dict  # back to the class methods
         for m, state, count, computed in saved:

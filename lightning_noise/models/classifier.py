@@ -73,8 +73,12 @@ class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
         num_classes: number of classes (LightningCLI links it from the DataModule).
         in_chans: input channels (linked from the DataModule).
         backbone_kwargs: extra keyword arguments for ``timm.create_model``.
-        criterion: a loss module called as ``criterion(logits, target)``; its ``reduction``
-            is set to ``"none"``. It must return one loss per sample. Default cross-entropy.
+        criterion: a loss module called as ``criterion(logits, target)`` (any loss of
+            :mod:`lightning_noise.losses`); its ``reduction`` is set to ``"none"``. It must
+            return one loss per sample. A criterion with ``needs_index = True`` also gets
+            ``index=`` (the samples' training-set positions, ``None`` outside training); one
+            with ``set_progress(epoch, max_epochs)`` is told the epoch at the start of every
+            training epoch. Default cross-entropy.
         optimizer: a callable from parameters to an optimizer. Default ``AdamW(lr=1e-3)``.
         scheduler: an optional callable from the optimizer to an LR scheduler, stepped
             every epoch (``ReduceLROnPlateau`` monitors ``val/loss``).
@@ -133,9 +137,18 @@ class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def per_sample_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The criterion's ``[B]`` per-sample losses (checked to be per-sample)."""
-        losses = self.criterion(logits, target)
+    def per_sample_loss(
+        self, logits: Tensor, target: Tensor, index: Tensor | None = None
+    ) -> Tensor:
+        """The criterion's ``[B]`` per-sample losses (checked to be per-sample).
+
+        A criterion with ``needs_index = True`` (e.g. :class:`~lightning_noise.losses.ELRLoss`)
+        also gets the samples' ``index`` (``None`` outside training).
+        """
+        if getattr(self.criterion, "needs_index", False):
+            losses = self.criterion(logits, target, index=index)
+        else:
+            losses = self.criterion(logits, target)
         if losses.dim() != 1 or losses.shape[0] != logits.shape[0]:
             raise ValueError(
                 f"criterion {type(self.criterion).__name__} returned shape "
@@ -168,10 +181,17 @@ class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
             )
         return batch[0], batch[1], batch[2]
 
+    def on_train_epoch_start(self) -> None:
+        # Criteria with a schedule over training (MaxSupLoss's alpha ramp) follow the epoch.
+        set_progress = getattr(self.criterion, "set_progress", None)
+        if callable(set_progress):
+            max_epochs = self.trainer.max_epochs
+            set_progress(self.current_epoch, max_epochs if max_epochs and max_epochs > 0 else None)
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, target, index = self._unpack_train(batch)
         logits = self(x)
-        losses = self.per_sample_loss(logits, target)
+        losses = self.per_sample_loss(logits, target, index)
         sample_batch = SampleBatch.create(index, target, logits, losses)
         loss = self.reduce_loss(losses, sample_batch)
         self.log_train_step(loss, sample_batch)

@@ -1,0 +1,279 @@
+"""Robustness to label noise: the noisy-label methods against cross-entropy on digits.
+
+Trains each method on the embedded digits under several kinds of synthetic label noise and
+prints, per noise setting and method, the test accuracy at the last epoch and at the best
+epoch (mean and spread over seeds), and the noise-detection F1 where the method detects
+noisy labels. Seeds set the split, the noise and the initialisation.
+
+Rows:
+
+* ``CE``: plain cross-entropy; its detection F1 is the label audit's (AUM, Pleiss et al.
+  2020) with the flagged fraction set to the realised noise rate.
+* ``SAM``: SAM (rho 0.5, the radius that wins on this problem; benchmarks/RESULTS.md).
+* ``Small-loss``: ``SmallLossSelection`` with forget rate = the noise rate, T_k = 10.
+* ``Co-teaching`` / ``Co-teaching+``: ``CoTeachingClassifier`` with forget rate = the
+  realised noise rate, T_k = 10 (Co-teaching+ exchanges disagreements from epoch 5).
+* ``Late Stopping``: rounds (k = 1, 1, 2, 3) each keeping ``(1 - noise rate) ** (1 / 4)``
+  of the full set, 2 warm-up epochs per round, 15 final epochs; its F1 is that of the
+  removed samples. Its "best" is over the final run only (the earlier rounds' models are
+  intermediate), and it trains for as many epochs as its schedule takes (``epochs`` column).
+
+Every other method trains ``--epochs`` epochs. "best" is the highest test accuracy over the
+epochs (as Co-teaching reports it): optimistic, since it picks the epoch on the test set.
+
+Run: ``python benchmarks/robustness.py`` (``--help`` for sizes, ``--methods``,
+``--settings``). Results are appended to ``benchmarks/results.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning.pytorch as pl
+import torch
+from common import append_results, device_name
+
+from lightning_noise.callbacks import SAM, LabelAudit, LateStopping, SmallLossSelection
+from lightning_noise.data import DigitsDataModule
+from lightning_noise.dynamics import TrainingDynamics
+from lightning_noise.models import CoTeachingClassifier, ImageClassifier
+
+
+@dataclass(frozen=True)
+class NoiseSetting:
+    name: str
+    noise: str
+    rate: float
+
+
+SETTINGS = {
+    s.name: s
+    for s in (
+        NoiseSetting("sym-20", "symmetric", 0.2),
+        NoiseSetting("sym-40", "symmetric", 0.4),
+        NoiseSetting("sym-60", "symmetric", 0.6),
+        NoiseSetting("pair-45", "pair", 0.45),
+    )
+}
+
+
+class EpochTestAccuracy(pl.Callback):
+    """Test accuracy of the model at the end of every training epoch.
+
+    Put it before ``LateStopping`` in ``callbacks``: it then measures each epoch's model
+    before a round switch re-initialises it, and marks the epochs of the final run.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+        self.accuracy: list[float] = []
+        self.final_run: list[bool] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in self.loader:
+                x, y = x.to(pl_module.device), y.to(pl_module.device)
+                correct += int((pl_module(x).argmax(dim=1) == y).sum())
+                total += y.numel()
+        pl_module.train(was_training)
+        self.accuracy.append(correct / total)
+        late = LateStopping.find(trainer)
+        self.final_run.append(late is None or late.in_final_run)
+
+
+def late_stopping_rate(noise_rate: float, rounds: int = 4) -> float:
+    """Per-round kept fraction that keeps as many samples as are clean after ``rounds``."""
+    return (1.0 - noise_rate) ** (1.0 / rounds)
+
+
+#: method -> (args, setting) -> (model, callbacks, max_epochs). Later methods add theirs.
+Builder = Callable[[argparse.Namespace, NoiseSetting], tuple[pl.LightningModule, list, int]]
+
+
+def _optimizer(args: argparse.Namespace) -> Callable:
+    return lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+
+
+def _classifier(args: argparse.Namespace) -> ImageClassifier:
+    return ImageClassifier(
+        args.backbone, num_classes=10, in_chans=args.channels, optimizer=_optimizer(args)
+    )
+
+
+def _coteaching(args: argparse.Namespace, plus: bool) -> CoTeachingClassifier:
+    return CoTeachingClassifier(
+        args.backbone,
+        num_classes=10,
+        in_chans=args.channels,
+        optimizer=_optimizer(args),
+        forget_rate=None,  # the realised noise rate, Co-teaching's choice
+        num_gradual=10,
+        plus_start_epoch=5 if plus else None,
+    )
+
+
+METHODS: dict[str, Builder] = {
+    "CE": lambda a, s: (
+        _classifier(a),
+        [TrainingDynamics(), LabelAudit("aum", output_dir=str(a.root / "audit"))],
+        a.epochs,
+    ),
+    "SAM": lambda a, s: (_classifier(a), [SAM(rho=a.rho)], a.epochs),
+    "Small-loss": lambda a, s: (
+        _classifier(a),
+        [SmallLossSelection(forget_rate=s.rate, num_gradual=10)],
+        a.epochs,
+    ),
+    "Co-teaching": lambda a, s: (_coteaching(a, plus=False), [], a.epochs),
+    "Co-teaching+": lambda a, s: (_coteaching(a, plus=True), [], a.epochs),
+    "Late Stopping": lambda a, s: (
+        _classifier(a),
+        [
+            TrainingDynamics(),
+            LateStopping(
+                rate=late_stopping_rate(s.rate),
+                rounds_per_k=(2, 1, 1),
+                warmup_epochs=2,
+                final_epochs=a.final_epochs,
+            ),
+        ],
+        -1,
+    ),
+}
+
+
+def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace) -> dict:
+    """Train one method on one noise setting with one seed."""
+    pl.seed_everything(seed, verbose=False)
+    dm = DigitsDataModule(
+        noise=setting.noise,
+        noise_rate=setting.rate,
+        image_size=args.image_size,
+        channels=args.channels,
+        batch_size=args.batch_size,
+        seed=seed,
+        noise_seed=seed,
+    )
+    model, callbacks, max_epochs = METHODS[method](args, setting)
+    dm.setup("fit")
+    tester = EpochTestAccuracy(dm.test_dataloader())
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[tester, *callbacks],
+        default_root_dir=args.root,
+    )
+    trainer.fit(model, datamodule=dm)
+    final = [a for a, f in zip(tester.accuracy, tester.final_run, strict=True) if f]
+    result: dict[str, Any] = {
+        "last": tester.accuracy[-1],
+        "best": max(final),
+        "epochs": len(tester.accuracy),
+        "f1": float("nan"),
+    }
+    for callback in callbacks:
+        detection = getattr(callback, "detection", None)
+        if isinstance(detection, dict):
+            result["f1"] = detection["f1"]
+    return result
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.pstdev(values)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the fixed-length rows")
+    parser.add_argument("--final-epochs", type=int, default=15, help="Late Stopping final run")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (all rows)")
+    parser.add_argument("--rho", type=float, default=0.5, help="SAM radius")
+    parser.add_argument("--root", type=Path, default=Path("runs/benchmarks/robustness"))
+    parser.add_argument("--no-record", action="store_true", help="do not append to results.csv")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict]]]:
+    args = parse_args(argv)
+    results: dict[str, dict[str, list[dict]]] = {}
+    start = time.perf_counter()
+    for name in args.settings:
+        setting = SETTINGS[name]
+        results[name] = {m: [] for m in args.methods}
+        for seed in args.seeds:
+            for method in args.methods:
+                t0 = time.perf_counter()
+                result = run(method, setting, seed, args)
+                results[name][method].append(result)
+                print(
+                    f"{name} seed {seed} {method}: last {result['last']:.3f} best "
+                    f"{result['best']:.3f} F1 {result['f1']:.3f} epochs {result['epochs']} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+
+    print(f"\ndevice: {device_name()}; {time.perf_counter() - start:.0f} s in all")
+    print(
+        f"digits {args.image_size}px, {args.backbone}, SGD lr {args.lr}, {args.epochs} epochs "
+        f"(Late Stopping: its rounds + {args.final_epochs}), seeds {args.seeds}; test accuracy "
+        "mean +- std over seeds"
+    )
+    header = f"{'noise':<9}{'method':<15}{'last':>15}{'best':>15}{'detect F1':>11}{'epochs':>8}"
+    print(header)
+    rows = []
+    for name, by_method in results.items():
+        for method, runs in by_method.items():
+            last = _mean_std([r["last"] for r in runs])
+            best = _mean_std([r["best"] for r in runs])
+            f1 = _mean_std([r["f1"] for r in runs])
+            epochs = statistics.mean(r["epochs"] for r in runs)
+            f1_text = "-" if f1[0] != f1[0] else f"{f1[0]:.3f}"
+            print(
+                f"{name:<9}{method:<15}{last[0]:>8.3f} +-{last[1]:.3f}"
+                f"{best[0]:>8.3f} +-{best[1]:.3f}{f1_text:>11}{epochs:>8.0f}"
+            )
+            case = f"{name}/{method}"
+            rows += [
+                (case, "last_acc_mean", last[0]),
+                (case, "last_acc_std", last[1]),
+                (case, "best_acc_mean", best[0]),
+                (case, "best_acc_std", best[1]),
+            ]
+            if f1[0] == f1[0]:
+                rows.append((case, "detection_f1_mean", f1[0]))
+    if not args.no_record:
+        append_results("robustness", rows)
+    return results
+
+
+if __name__ == "__main__":
+    main()

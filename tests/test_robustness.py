@@ -1,0 +1,58 @@
+"""The noisy-label methods beat cross-entropy on real data: the robustness benchmark, small.
+
+Runs ``benchmarks/robustness.py``'s own training function (one seed, digits at 8x8 with 40%
+symmetric label noise, ``test_resnet``) for cross-entropy, Co-teaching and Late Stopping, and
+asserts that both methods beat cross-entropy's last-epoch test accuracy by a safe margin.
+Measured with this configuration (seed 0): CE 0.579, Co-teaching 0.891, Late Stopping 0.916.
+The full benchmark (16x16, resnet10t, 3 seeds, 4 noise settings) is in
+``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import robustness
+
+#: Points of test accuracy by which each method must beat CE's last epoch (measured: 31, 34).
+MARGIN = 0.10
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    args = robustness.parse_args(
+        [
+            "--image-size=8",
+            "--channels=1",
+            "--backbone=test_resnet",
+            "--epochs=20",
+            "--final-epochs=10",
+            f"--root={tmp_path_factory.mktemp('robustness')}",
+        ]
+    )
+    setting = robustness.SETTINGS["sym-40"]
+    return {
+        method: robustness.run(method, setting, 0, args)
+        for method in ("CE", "Co-teaching", "Late Stopping")
+    }
+
+
+@pytest.mark.parametrize("method", ["Co-teaching", "Late Stopping"])
+def test_method_beats_cross_entropy_at_40_percent_noise(results, method) -> None:
+    ce, other = results["CE"]["last"], results[method]["last"]
+    assert other >= ce + MARGIN, f"{method} {other:.3f} vs CE {ce:.3f}"
+
+
+def test_cross_entropy_memorises_so_its_last_epoch_is_below_its_best(results) -> None:
+    # The premise of the comparison: CE peaks early, then fits the noisy labels.
+    assert results["CE"]["best"] >= results["CE"]["last"] + 0.05, results["CE"]
+
+
+def test_late_stopping_removes_noisy_labels(results) -> None:
+    # F1 of the removed samples as the noisy ones; random removal of 40% gives 0.4.
+    assert results["Late Stopping"]["f1"] > 0.7, results["Late Stopping"]
