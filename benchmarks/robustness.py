@@ -13,6 +13,9 @@ Rows:
 * ``Small-loss``: ``SmallLossSelection`` with forget rate = the noise rate, T_k = 10.
 * ``Co-teaching`` / ``Co-teaching+``: ``CoTeachingClassifier`` with forget rate = the
   realised noise rate, T_k = 10 (Co-teaching+ exchanges disagreements from epoch 5).
+* Losses (``--methods``): ``Label smoothing`` (0.1), ``MaxSup`` (alpha 0.1 to 0.2), ``GCE``
+  (q 0.7), ``SCE`` (0.1, 1.0), ``NCE+RCE`` and ``NCE+MAE`` (1, 1), ``ELR`` (beta 0.7, lambda 3):
+  ImageClassifier with that criterion. ``--settings clean`` trains without label noise.
 * ``Late Stopping``: rounds (k = 1, 1, 2, 3) each keeping ``(1 - noise rate) ** (1 / 4)``
   of the full set, 2 warm-up epochs per round, 15 final epochs; its F1 is that of the
   removed samples. Its "best" is over the final run only (the earlier rounds' models are
@@ -41,10 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning.pytorch as pl
 import torch
 from common import append_results, device_name
+from torch import nn
 
 from lightning_noise.callbacks import SAM, LabelAudit, LateStopping, SmallLossSelection
 from lightning_noise.data import DigitsDataModule
 from lightning_noise.dynamics import TrainingDynamics
+from lightning_noise.losses import (
+    ELRLoss,
+    GeneralizedCrossEntropy,
+    LabelSmoothingCrossEntropy,
+    MaxSupLoss,
+    NCEandMAE,
+    NCEandRCE,
+    SymmetricCrossEntropy,
+)
 from lightning_noise.models import CoTeachingClassifier, ImageClassifier
 
 
@@ -62,8 +75,10 @@ SETTINGS = {
         NoiseSetting("sym-40", "symmetric", 0.4),
         NoiseSetting("sym-60", "symmetric", 0.6),
         NoiseSetting("pair-45", "pair", 0.45),
+        NoiseSetting("clean", "symmetric", 0.0),  # not a default: for the losses' comparison
     )
 }
+DEFAULT_SETTINGS = ["sym-20", "sym-40", "sym-60", "pair-45"]
 
 
 class EpochTestAccuracy(pl.Callback):
@@ -106,10 +121,19 @@ def _optimizer(args: argparse.Namespace) -> Callable:
     return lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9, weight_decay=5e-4)
 
 
-def _classifier(args: argparse.Namespace) -> ImageClassifier:
+def _classifier(args: argparse.Namespace, criterion: nn.Module | None = None) -> ImageClassifier:
     return ImageClassifier(
-        args.backbone, num_classes=10, in_chans=args.channels, optimizer=_optimizer(args)
+        args.backbone,
+        num_classes=10,
+        in_chans=args.channels,
+        optimizer=_optimizer(args),
+        criterion=criterion,
     )
+
+
+def _loss_row(make: Callable[[], nn.Module]) -> Builder:
+    """A row that trains ImageClassifier with the loss ``make()`` as its criterion."""
+    return lambda a, s: (_classifier(a, make()), [], a.epochs)
 
 
 def _coteaching(args: argparse.Namespace, plus: bool) -> CoTeachingClassifier:
@@ -151,7 +175,17 @@ METHODS: dict[str, Builder] = {
         ],
         -1,
     ),
+    # The losses (lightning_noise.losses), with their papers' CIFAR-10 settings.
+    "Label smoothing": _loss_row(lambda: LabelSmoothingCrossEntropy(0.1)),
+    "MaxSup": _loss_row(lambda: MaxSupLoss(0.1, alpha_end=0.2)),
+    "GCE": _loss_row(lambda: GeneralizedCrossEntropy(q=0.7)),
+    "SCE": _loss_row(lambda: SymmetricCrossEntropy(alpha=0.1, beta=1.0)),
+    "NCE+RCE": _loss_row(lambda: NCEandRCE(alpha=1.0, beta=1.0)),
+    "NCE+MAE": _loss_row(lambda: NCEandMAE(alpha=1.0, beta=1.0)),
+    "ELR": _loss_row(lambda: ELRLoss(beta=0.7, lam=3.0)),
 }
+#: Rows run by default (the losses' rows on request: --methods).
+DEFAULT_METHODS = ["CE", "SAM", "Small-loss", "Co-teaching", "Co-teaching+", "Late Stopping"]
 
 
 def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace) -> dict:
@@ -206,8 +240,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the fixed-length rows")
     parser.add_argument("--final-epochs", type=int, default=15, help="Late Stopping final run")
