@@ -69,6 +69,8 @@ DEMO_ROWS: list[DemoRow] = [
     DemoRow("Adaptive-k", "digits_baseline.yaml", ("adaptive_k.yaml",)),
     DemoRow("Co-teaching", "digits_coteaching.yaml"),
     DemoRow("Late Stopping", "digits_late_stopping.yaml"),
+    # A ViT (4 blocks, 15 epochs): compare it with a plain ViT, not with the ResNet rows.
+    DemoRow("NoiseFiT (ViT)", "digits_vit_noisefit.yaml"),
 ]
 
 #: Per-epoch metrics the demo records and plots.

@@ -3,6 +3,7 @@
 from lightning_noise.callbacks.gradient_noise import GradientNoise
 from lightning_noise.callbacks.label_audit import LabelAudit
 from lightning_noise.callbacks.late_stopping import LateStopping
+from lightning_noise.callbacks.noisefit import NoiseFiT
 from lightning_noise.callbacks.sam import ASAM, FSAM, SAM
 from lightning_noise.callbacks.sample_selection import AdaptiveK, SmallLossSelection
 
@@ -14,5 +15,6 @@ __all__ = [
     "GradientNoise",
     "LabelAudit",
     "LateStopping",
+    "NoiseFiT",
     "SmallLossSelection",
 ]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from lightning_noise.mixins.noisefit import NoiseFiTMixin
 from lightning_noise.mixins.per_sample import PerSampleLossMixin
 from lightning_noise.types import SampleBatch
 
@@ -50,7 +51,7 @@ def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs:
     )
 
 
-class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
+class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
     """Image classification on a timm backbone, ready for noisy-label methods.
 
     The criterion runs with ``reduction="none"``; the per-sample losses are reduced through
@@ -194,6 +195,8 @@ class ImageClassifier(PerSampleLossMixin, pl.LightningModule):
         losses = self.per_sample_loss(logits, target, index)
         sample_batch = SampleBatch.create(index, target, logits, losses)
         loss = self.reduce_loss(losses, sample_batch)
+        # With a NoiseFiT callback: the hybrid loss over two more, noisy, forward passes.
+        loss = self.noisefit_loss(loss, logits, lambda: self(x))
         self.log_train_step(loss, sample_batch)
         return self.step_outputs(loss, sample_batch)
 

@@ -33,6 +33,17 @@ class Setting:
     preset: str  # file under configs/callbacks/
     dynamics: bool = False  # reads the TrainingDynamics store (added before it)
     changes_training: bool = True  # False for observers: the weights must equal plain training
+    backbone: str = "test_resnet"  # NoiseFiT needs transformer blocks
+    backbone_kwargs: dict | None = None
+
+    def model(self) -> ImageClassifier:
+        return ImageClassifier(
+            self.backbone, num_classes=10, in_chans=1, backbone_kwargs=self.backbone_kwargs
+        )
+
+
+#: A ViT small enough for tests: 3 blocks on 8x8 digits.
+TINY_VIT = dict(img_size=8, patch_size=4, depth=3, embed_dim=48, num_heads=3)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -53,6 +64,12 @@ SETTINGS: dict[str, Setting] = {
         "late_stopping.yaml",
         dynamics=True,
     ),
+    "NoiseFiT": Setting(
+        lambda: callbacks.NoiseFiT(num_layers=2),
+        "noisefit.yaml",
+        backbone="vit_tiny_patch16_224",
+        backbone_kwargs=TINY_VIT,
+    ),
     "LabelAudit": Setting(
         lambda: callbacks.LabelAudit(score="aum"),
         "label_audit.yaml",
@@ -67,7 +84,7 @@ def test_every_callback_has_a_setting() -> None:
     assert set(callbacks.__all__) == set(SETTINGS), "add the new callback to SETTINGS"
 
 
-def _with_dynamics(name: str | None, callback: pl.Callback | None) -> list[pl.Callback]:
+def _with_dynamics(name: str, callback: pl.Callback | None) -> list[pl.Callback]:
     """The callback, after a ``TrainingDynamics`` when its setting reads the store."""
     if callback is None:
         return [TrainingDynamics()]  # observes only: plain training with every setting
@@ -79,12 +96,12 @@ def _fit(
     callback: pl.Callback | None,
     *,
     max_epochs: int,
+    name: str,
     ckpt: Path | None = None,
-    name: str | None = None,
 ) -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=200, seed=0)
-    model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
+    model = SETTINGS[name].model()
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
@@ -110,7 +127,7 @@ def test_trains_and_resumes_exactly_on_the_real_stack(tmp_path, name) -> None:
     _fit(tmp_path / "b", setting.make(), max_epochs=1, name=name)
     ckpt = tmp_path / "b" / "last.ckpt"
     resumed = _fit(tmp_path / "c", setting.make(), max_epochs=2, ckpt=ckpt, name=name)
-    plain = _fit(tmp_path / "d", None, max_epochs=2)
+    plain = _fit(tmp_path / "d", None, max_epochs=2, name=name)
     changed = False
     for (key, a), b, c in zip(
         straight.state_dict().items(),
@@ -146,7 +163,7 @@ def _ddp_main(out_dir: str) -> None:
     for name in NAMES:
         pl.seed_everything(0, verbose=False)
         dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=100, seed=0)
-        model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
+        model = SETTINGS[name].model()
         callbacks_ = _with_dynamics(name, SETTINGS[name].make())
         trainer = ddp_trainer(callbacks_, max_steps=3, default_root_dir=out_dir)
         trainer.fit(model, datamodule=dm)
