@@ -1,8 +1,11 @@
 """The ``lightning-noise`` command.
 
-``lightning-noise fit|validate|test|predict --config recipe.yaml`` is LightningCLI over
-:class:`~lightning_noise.models.ImageClassifier` (or a subclass) and any
-:class:`~lightning_noise.data.NoisyLabelDataModule`; callbacks are configured by
+``lightning-noise fit|validate|test|predict --config recipe.yaml`` is LightningCLI over any
+LightningModule and LightningDataModule chosen by ``class_path`` (the recipes use
+:class:`~lightning_noise.models.ImageClassifier` with a
+:class:`~lightning_noise.data.NoisyLabelDataModule`, or
+:class:`~lightning_noise.models.TinyCausalLM` with
+:class:`~lightning_noise.data.AdditionDataModule`); callbacks are configured by
 ``class_path`` in ``trainer.callbacks``. ``lightning-noise demo`` runs the embedded demo
 (see :mod:`lightning_noise.demo`).
 """
@@ -18,10 +21,8 @@ from typing import Any
 # about Lightning's code, not the user's config, so they are silenced unless asked for.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lightning_noise.data import NoisyLabelDataModule
-from lightning_noise.models import ImageClassifier
 
 __all__ = ["LightningNoiseCLI", "main"]
 
@@ -51,8 +52,8 @@ def build_cli(
     """Build (and by default run) the CLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     return cli_class(
-        ImageClassifier,
-        NoisyLabelDataModule,
+        pl.LightningModule,
+        pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,

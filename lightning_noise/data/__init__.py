@@ -1,4 +1,4 @@
-"""Label noise and DataModules: the embedded digits default, CIFAR-10/100 (+ CIFAR-N), folders."""
+"""Label noise and DataModules: embedded digits, CIFAR-10/100 (+ CIFAR-N), folders, text."""
 
 from lightning_noise.data.base import NoisyLabelDataModule, stratified_split
 from lightning_noise.data.cifar import (
@@ -22,12 +22,14 @@ from lightning_noise.data.noise import (
     symmetric_noise,
     transition_matrix_noise,
 )
+from lightning_noise.data.text import AdditionDataModule
 
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
     "CIFAR100_ASYMMETRIC_MAP",
     "DIGITS_ASYMMETRIC_MAP",
     "NOISE_TYPES",
+    "AdditionDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitsDataModule",

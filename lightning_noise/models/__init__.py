@@ -1,6 +1,7 @@
-"""Models: ImageClassifier on any timm backbone."""
+"""Models: ImageClassifier on any timm backbone, Co-teaching's two networks, a tiny LM."""
 
 from lightning_noise.models.classifier import ImageClassifier, create_backbone
 from lightning_noise.models.coteaching import CoTeachingClassifier
+from lightning_noise.models.language_model import TinyCausalLM
 
-__all__ = ["CoTeachingClassifier", "ImageClassifier", "create_backbone"]
+__all__ = ["CoTeachingClassifier", "ImageClassifier", "TinyCausalLM", "create_backbone"]
