@@ -14,46 +14,17 @@ Conventions of the losses package (PyTorch only, no Lightning):
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any
-
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("none", "mean", "sum")
+from lightning_noise.kernels._checks import (
+    REDUCTIONS,
+    check_logits_target,
+    check_number,
+    check_reduction,
+)
 
-
-def check_reduction(reduction: Any) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """``value`` as a finite float within the given bounds, else a ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value)
-    if low is not None:
-        ok = ok and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
-    return value
+__all__ = ["REDUCTIONS", "check_number", "check_reduction", "flatten", "reduce", "z_loss_term"]
 
 
 def flatten(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,37 +32,13 @@ def flatten(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, 
 
     Half-precision logits are upcast to float32.
     """
-    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("logits and target must be tensors")
-    if logits.dim() < 2:
-        raise ValueError(
-            f"logits must be [N, C] or [N, ..., C] (classes last), got shape {tuple(logits.shape)}"
-        )
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise ValueError(
-            f"target must hold integer class indices, got {target.dtype}; for soft targets "
-            "use a soft-target loss"
-        )
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])} (classes "
-            f"are the last logits dimension), got {tuple(target.shape)}"
-        )
+    check_logits_target(logits, target, ignore_index)
     num_classes = logits.shape[-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     flat_logits = logits.reshape(-1, num_classes)
     flat_target = target.reshape(-1).long()
     valid = flat_target != ignore_index
-    if valid.any():
-        bad = flat_target[valid]
-        if int(bad.min()) < 0 or int(bad.max()) >= num_classes:
-            raise ValueError(
-                f"target holds class indices outside [0, {num_classes}) (other than "
-                f"ignore_index={ignore_index})"
-            )
     return flat_logits, torch.where(valid, flat_target, 0), valid
 
 

@@ -1,0 +1,41 @@
+"""Fused softmax and cross-entropy kernels in Triton, with a PyTorch path.
+
+* :func:`softmax`: the online-normaliser softmax (Milakov and Gimelshein 2018), any
+  dimension, float32/bfloat16/float16.
+* :func:`cross_entropy`: cross-entropy with label smoothing, MaxSup and z-loss fused; one read
+  of the logits forward, only the logits' gradient backward.
+* :func:`linear_cross_entropy`: the classifier head and that loss, chunked so that the
+  ``N x V`` logits are never stored (the idea of Cut Cross-Entropy, Wijmans et al. 2025).
+
+Each takes ``impl="auto" | "triton" | "torch"``: ``"auto"`` runs Triton on CUDA tensors (and
+on the CPU when ``TRITON_INTERPRET=1`` asks for Triton's interpreter), PyTorch otherwise.
+:data:`LAUNCHES` counts the Triton launches per kernel.
+"""
+
+from lightning_noise.kernels._dispatch import (
+    IMPLS,
+    LAUNCHES,
+    interpreting,
+    resolve_impl,
+    triton_available,
+)
+from lightning_noise.kernels.cross_entropy import CrossEntropyFunction, cross_entropy
+from lightning_noise.kernels.linear_cross_entropy import (
+    LinearCrossEntropyFunction,
+    linear_cross_entropy,
+)
+from lightning_noise.kernels.softmax import SoftmaxFunction, softmax
+
+__all__ = [
+    "IMPLS",
+    "LAUNCHES",
+    "CrossEntropyFunction",
+    "LinearCrossEntropyFunction",
+    "SoftmaxFunction",
+    "cross_entropy",
+    "interpreting",
+    "linear_cross_entropy",
+    "resolve_impl",
+    "softmax",
+    "triton_available",
+]

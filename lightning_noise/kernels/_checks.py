@@ -1,0 +1,100 @@
+"""Argument checks shared by the kernels and the losses (classes-last logits, index targets)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "REDUCTIONS",
+    "check_logits_target",
+    "check_number",
+    "check_reduction",
+    "check_target",
+]
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite float within the given bounds, else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    ok = math.isfinite(value)
+    if low is not None:
+        ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+    return value
+
+
+def check_logits_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+    """Raise a clear error unless ``logits`` is ``[N, C]`` or ``[N, ..., C]`` floating point
+    and ``target`` holds class indices in ``[0, C)`` (or ``ignore_index``) with shape
+    ``logits.shape[:-1]``."""
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("logits and target must be tensors")
+    if logits.dim() < 2:
+        raise ValueError(
+            f"logits must be [N, C] or [N, ..., C] (classes last), got shape {tuple(logits.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    check_target(target, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+
+
+def check_target(
+    target: Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device,
+) -> None:
+    """Raise a clear error unless ``target`` holds class indices in ``[0, num_classes)`` (or
+    ``ignore_index``) with ``shape`` on ``device``."""
+    if not isinstance(target, Tensor):
+        raise TypeError("target must be a tensor")
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise ValueError(
+            f"target must hold integer class indices, got {target.dtype}; for soft targets "
+            "use a soft-target loss"
+        )
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(
+            f"target must have shape logits.shape[:-1] = {tuple(shape)} (classes "
+            f"are the last logits dimension), got {tuple(target.shape)}"
+        )
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the logits on {device}")
+    valid = target != ignore_index
+    if bool(valid.any()):
+        kept = target[valid]
+        if int(kept.min()) < 0 or int(kept.max()) >= num_classes:
+            raise ValueError(
+                f"target holds class indices outside [0, {num_classes}) (other than "
+                f"ignore_index={ignore_index})"
+            )
