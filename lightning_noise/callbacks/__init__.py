@@ -1,6 +1,7 @@
 """Callbacks a user adds to an existing Trainer: one method a file."""
 
 from lightning_noise.callbacks.gradient_noise import GradientNoise
+from lightning_noise.callbacks.kernels import KernelSwap
 from lightning_noise.callbacks.label_audit import LabelAudit
 from lightning_noise.callbacks.late_stopping import LateStopping
 from lightning_noise.callbacks.noisefit import NoiseFiT
@@ -13,6 +14,7 @@ __all__ = [
     "SAM",
     "AdaptiveK",
     "GradientNoise",
+    "KernelSwap",
     "LabelAudit",
     "LateStopping",
     "NoiseFiT",

@@ -9,7 +9,8 @@
 
 Each takes ``impl="auto" | "triton" | "torch"``: ``"auto"`` runs Triton on CUDA tensors (and
 on the CPU when ``TRITON_INTERPRET=1`` asks for Triton's interpreter), PyTorch otherwise.
-:data:`LAUNCHES` counts the Triton launches per kernel.
+:data:`LAUNCHES` counts the Triton launches per kernel. :class:`FusedSoftmax` and
+:class:`FusedCrossEntropyLoss` are drop-in modules (what the ``KernelSwap`` callback swaps in).
 """
 
 from lightning_noise.kernels._dispatch import (
@@ -24,12 +25,15 @@ from lightning_noise.kernels.linear_cross_entropy import (
     LinearCrossEntropyFunction,
     linear_cross_entropy,
 )
+from lightning_noise.kernels.modules import FusedCrossEntropyLoss, FusedSoftmax
 from lightning_noise.kernels.softmax import SoftmaxFunction, softmax
 
 __all__ = [
     "IMPLS",
     "LAUNCHES",
     "CrossEntropyFunction",
+    "FusedCrossEntropyLoss",
+    "FusedSoftmax",
     "LinearCrossEntropyFunction",
     "SoftmaxFunction",
     "cross_entropy",

@@ -18,9 +18,11 @@ Shapes, ``ignore_index`` and reductions follow :mod:`lightning_noise.losses._com
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_noise import kernels
 from lightning_noise.losses._common import (
     check_number,
     check_reduction,
@@ -46,11 +48,14 @@ def label_smoothing_cross_entropy(
     z_loss: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    impl: str = "auto",
 ) -> Tensor:
     """Cross-entropy against the smoothed target ``(1 - smoothing) * onehot + smoothing / C``.
 
     With ``smoothing=0`` it is plain cross-entropy. ``z_loss > 0`` adds
-    ``z_loss * logsumexp(logits) ** 2`` per entry.
+    ``z_loss * logsumexp(logits) ** 2`` per entry. ``impl`` chooses the fused kernel
+    (:func:`lightning_noise.kernels.cross_entropy`) or the PyTorch code here (see
+    :func:`_use_kernel`).
 
     Example:
         >>> import torch
@@ -63,6 +68,16 @@ def label_smoothing_cross_entropy(
     smoothing = check_number("smoothing", smoothing, low=0.0, high=1.0)
     z_loss = check_number("z_loss", z_loss, low=0.0)
     reduction = check_reduction(reduction)
+    if _use_kernel(impl, logits):
+        return kernels.cross_entropy(
+            logits,
+            target,
+            ignore_index=ignore_index,
+            label_smoothing=smoothing,
+            z_loss=z_loss,
+            reduction=reduction,
+            impl=impl,
+        )
     flat, y, valid = flatten(logits, target, ignore_index)
     log_p = flat.log_softmax(dim=-1)
     nll = -log_p.gather(1, y[:, None]).squeeze(1)
@@ -80,6 +95,7 @@ def maxsup_cross_entropy(
     z_loss: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    impl: str = "auto",
 ) -> Tensor:
     """MaxSup: ``CE + alpha * (max_k z_k - mean_k z_k)`` on the logits (Zhou et al. 2025).
 
@@ -96,6 +112,16 @@ def maxsup_cross_entropy(
     alpha = check_number("alpha", alpha, low=0.0)
     z_loss = check_number("z_loss", z_loss, low=0.0)
     reduction = check_reduction(reduction)
+    if _use_kernel(impl, logits):
+        return kernels.cross_entropy(
+            logits,
+            target,
+            ignore_index=ignore_index,
+            maxsup_alpha=alpha,
+            z_loss=z_loss,
+            reduction=reduction,
+            impl=impl,
+        )
     flat, y, valid = flatten(logits, target, ignore_index)
     nll = F.cross_entropy(flat, y, reduction="none")
     penalty = flat.max(dim=-1).values - flat.mean(dim=-1)
@@ -103,6 +129,22 @@ def maxsup_cross_entropy(
     if z_loss:
         loss = loss + z_loss * z_loss_term(flat)
     return reduce(loss, valid, reduction, target.shape)
+
+
+def check_impl(impl: str) -> str:
+    if impl not in kernels.IMPLS:
+        raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
+    return impl
+
+
+def _use_kernel(impl: str, logits: Tensor) -> bool:
+    """Whether to run the fused kernel: ``impl="triton"`` always (it fails clearly where it
+    cannot run), ``"auto"`` when :func:`~lightning_noise.kernels.resolve_impl` picks Triton
+    for these logits and their dtype is one the kernel takes, ``"torch"`` never (the code
+    here, which also takes float64)."""
+    if impl == "auto" and logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    return kernels.resolve_impl(impl, logits) == "triton"
 
 
 def maxsup_alpha(epoch: int, num_epochs: int, start: float = 0.1, end: float = 0.2) -> float:
@@ -125,6 +167,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         z_loss: Weight of the z-loss, >= 0 (PaLM used 1e-4).
         ignore_index: Target value that is ignored.
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        impl: ``"auto"``, ``"triton"`` (the fused kernel) or ``"torch"``.
     """
 
     def __init__(
@@ -134,12 +177,14 @@ class LabelSmoothingCrossEntropy(nn.Module):
         z_loss: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "mean",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.smoothing = check_number("smoothing", smoothing, low=0.0, high=1.0)
         self.z_loss = check_number("z_loss", z_loss, low=0.0)
         self.ignore_index = int(ignore_index)
         self.reduction = check_reduction(reduction)
+        self.impl = check_impl(impl)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return label_smoothing_cross_entropy(
@@ -149,6 +194,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
             z_loss=self.z_loss,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            impl=self.impl,
         )
 
     def extra_repr(self) -> str:
@@ -169,6 +215,7 @@ class MaxSupLoss(nn.Module):
         z_loss: Weight of the z-loss, >= 0.
         ignore_index: Target value that is ignored.
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        impl: ``"auto"``, ``"triton"`` (the fused kernel) or ``"torch"``.
     """
 
     def __init__(
@@ -179,6 +226,7 @@ class MaxSupLoss(nn.Module):
         z_loss: float = 0.0,
         ignore_index: int = -100,
         reduction: str = "mean",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.alpha_start = check_number("alpha", alpha, low=0.0)
@@ -188,6 +236,7 @@ class MaxSupLoss(nn.Module):
         self.z_loss = check_number("z_loss", z_loss, low=0.0)
         self.ignore_index = int(ignore_index)
         self.reduction = check_reduction(reduction)
+        self.impl = check_impl(impl)
         self.alpha = self.alpha_start
 
     def set_progress(self, epoch: int, num_epochs: int | None) -> None:
@@ -214,6 +263,7 @@ class MaxSupLoss(nn.Module):
             z_loss=self.z_loss,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            impl=self.impl,
         )
 
     def extra_repr(self) -> str:
