@@ -398,3 +398,25 @@ def test_interpreter_set_after_triton_import_fails_clearly() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "before Python starts" in done.stdout
+
+
+def test_cpu_benchmark_checks_and_measures_memory() -> None:
+    """benchmarks/kernels.py on the CPU: correctness rows within float32 error, and the head +
+    loss's peak memory measured below the naive one's (a memory ratio, never a time)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(folder))  # for its `common` helper
+    spec = importlib.util.spec_from_file_location("bench_kernels", folder / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    rows = bench.main(
+        ["--no-record", "--cpu-rows", "1024", "--cpu-hidden", "64", "--cpu-vocab", "16000"]
+    )
+    diffs = [value for case, metric, value in rows if metric == "max_abs_diff"]
+    assert diffs and max(diffs) < 1e-5
+    (ratio,) = [value for case, metric, value in rows if metric == "peak_ratio"]
+    assert ratio < 0.5
