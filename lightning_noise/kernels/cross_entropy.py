@@ -148,6 +148,30 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def check_options(
+    label_smoothing: float, maxsup_alpha: float, z_loss: float, reduction: str
+) -> tuple[float, float, float, str]:
+    """The fused options, checked: ``(eps, alpha, z, reduction)``."""
+    return (
+        check_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
+        check_number("maxsup_alpha", maxsup_alpha, low=0.0),
+        check_number("z_loss", z_loss, low=0.0),
+        check_reduction(reduction),
+    )
+
+
+def reduce_rows(
+    loss: Tensor, target: Tensor, ignore_index: int, reduction: str, shape: torch.Size
+) -> Tensor:
+    """Reduce per-row losses (0 where ignored): ``"none"`` reshaped to ``shape``, ``"sum"``,
+    or ``"mean"`` over the rows not ignored (0 when all are)."""
+    if reduction == "none":
+        return loss.reshape(shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (target != ignore_index).sum().clamp_min(1)
+
+
 def _as_rows(logits: Tensor) -> Tensor:
     """``[M, C]`` view of classes-last ``logits`` (a copy only when the classes are strided)."""
     rows = logits.reshape(-1, logits.shape[-1])
@@ -189,10 +213,7 @@ def cross_entropy(
         True
     """
     check_logits_target(logits, target, ignore_index)
-    eps = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    alpha = check_number("maxsup_alpha", maxsup_alpha, low=0.0)
-    zl = check_number("z_loss", z_loss, low=0.0)
-    reduction = check_reduction(reduction)
+    eps, alpha, zl, reduction = check_options(label_smoothing, maxsup_alpha, z_loss, reduction)
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     chosen = resolve_impl(impl, logits)
@@ -202,8 +223,4 @@ def cross_entropy(
     loss = CrossEntropyFunction.apply(
         _as_rows(logits), flat_target, int(ignore_index), eps, alpha, zl, chosen
     )
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (flat_target != ignore_index).sum().clamp_min(1)
+    return reduce_rows(loss, flat_target, ignore_index, reduction, target.shape)

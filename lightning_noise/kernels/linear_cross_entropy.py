@@ -23,9 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_noise.kernels._checks import check_number, check_reduction, check_target
+from lightning_noise.kernels._checks import check_target
 from lightning_noise.kernels._dispatch import resolve_impl
-from lightning_noise.kernels.cross_entropy import rows_backward, rows_forward
+from lightning_noise.kernels.cross_entropy import (
+    check_options,
+    reduce_rows,
+    rows_backward,
+    rows_forward,
+)
 
 __all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy"]
 
@@ -145,10 +150,7 @@ def linear_cross_entropy(
         )
     vocab = weight.shape[0]
     check_target(target, hidden.shape[:-1], vocab, ignore_index, hidden.device)
-    eps = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    alpha = check_number("maxsup_alpha", maxsup_alpha, low=0.0)
-    zl = check_number("z_loss", z_loss, low=0.0)
-    reduction = check_reduction(reduction)
+    eps, alpha, zl, reduction = check_options(label_smoothing, maxsup_alpha, z_loss, reduction)
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_target = target.reshape(-1).contiguous()
     n = rows.shape[0]
@@ -161,8 +163,4 @@ def linear_cross_entropy(
     loss = LinearCrossEntropyFunction.apply(
         rows, weight, bias, flat_target, max(1, chunk_size), options
     )
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (flat_target != ignore_index).sum().clamp_min(1)
+    return reduce_rows(loss, flat_target, ignore_index, reduction, target.shape)
