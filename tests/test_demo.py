@@ -60,5 +60,8 @@ def test_every_callback_has_a_demo_row() -> None:
         for p in row.callbacks
     )
     texts += " ".join(demo.find_recipe(row.recipe).read_text() for row in demo.DEMO_ROWS)
-    for name in callbacks.__all__:
+    # KernelSwap changes speed and memory, not results: on the demo's CPU it would repeat the
+    # baseline row. Its evidence is benchmarks/kernels.py.
+    not_in_demo = {"KernelSwap"}
+    for name in set(callbacks.__all__) - not_in_demo:
         assert f"class_path: lightning_noise.callbacks.{name}\n" in texts, name
