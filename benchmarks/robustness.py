@@ -226,7 +226,7 @@ def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace)
     }
     for callback in callbacks:
         detection = getattr(callback, "detection", None)
-        if isinstance(detection, dict):
+        if isinstance(detection, dict) and setting.rate > 0:  # no noise: F1 is undefined
             result["f1"] = detection["f1"]
     return result
 
