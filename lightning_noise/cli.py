@@ -6,15 +6,19 @@ LightningModule and LightningDataModule chosen by ``class_path`` (the recipes us
 :class:`~lightning_noise.data.NoisyLabelDataModule`, or
 :class:`~lightning_noise.models.TinyCausalLM` with
 :class:`~lightning_noise.data.AdditionDataModule`); callbacks are configured by
-``class_path`` in ``trainer.callbacks``. ``lightning-noise demo`` runs the embedded demo
-(see :mod:`lightning_noise.demo`).
+``class_path`` in ``trainer.callbacks``. ``lightning-noise recipes`` lists the recipes under
+``recipes/`` with one line each, ``lightning-noise run <name> [overrides]`` fits one by name,
+and ``lightning-noise demo`` runs the embedded demo (see :mod:`lightning_noise.demo`).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # Lightning 2.6 still calls jsonargparse APIs deprecated in jsonargparse 4.49; the warnings are
@@ -27,7 +31,58 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 __all__ = ["LightningNoiseCLI", "main"]
 
 #: Our own subcommands, dispatched before LightningCLI parses anything.
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "recipes", "run")
+
+
+def recipes_dir() -> Path:
+    """``./recipes`` when it exists, else the repository's ``recipes/``."""
+    here = Path.cwd() / "recipes"
+    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+
+
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(?=\s)")
+
+
+def recipe_summary(path: Path) -> str:
+    """The first sentence of a recipe's leading comment, on one line."""
+    words: list[str] = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text.startswith("Run:"):
+            break
+        words.append(text)
+    summary = " ".join(words)
+    end = _SENTENCE_END.search(summary)  # a full stop, not that of "et al." or "e.g."
+    return summary if end is None else summary[: end.start() + 1]
+
+
+def list_recipes() -> dict[str, Path]:
+    """Recipe name (file stem) -> path, sorted by name."""
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def find_recipe(name: str) -> Path:
+    """The recipe called ``name`` (with or without ``.yaml``), or a ``SystemExit`` naming the
+    close matches."""
+    recipes = list_recipes()
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if stem in recipes:
+        return recipes[stem]
+    close = difflib.get_close_matches(stem, recipes, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise SystemExit(
+        f"no recipe named {name!r} in {recipes_dir()}{hint} (`lightning-noise recipes` lists them)"
+    )
+
+
+def _print_recipes() -> None:
+    recipes = list_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_summary(path)}")
+    print(f"\nrun one: lightning-noise run <name> [--key=value overrides]  ({recipes_dir()})")
 
 
 class LightningNoiseCLI(LightningCLI):
@@ -71,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         demo_main(argv[1:])
         return
+    if argv and argv[0] == "recipes":
+        _print_recipes()
+        return
+    if argv and argv[0] == "run":
+        if len(argv) < 2 or argv[1].startswith("-"):
+            raise SystemExit("usage: lightning-noise run <recipe name> [--key=value overrides]")
+        argv = ["fit", "--config", str(find_recipe(argv[1])), *argv[2:]]
     build_cli(argv)
 
 

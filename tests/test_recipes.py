@@ -1,0 +1,86 @@
+"""Every recipe runs from the command line by name; `lightning-noise recipes` lists them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_noise.cli import find_recipe, list_recipes, main, recipe_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Recipes that need files a test writes first; tests/test_cli.py runs them on such files.
+NEED_FILES = {"cifar10n_baseline", "imagefolder_baseline"}
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_recipes_lists_every_recipe_with_one_line(capsys) -> None:
+    main(["recipes"])
+    lines = capsys.readouterr().out.splitlines()
+    for name in RECIPES:
+        (line,) = [x for x in lines if x.split(" ", 1)[0] == name]
+        summary = line[len(name) :].strip()
+        assert summary and "\n" not in summary and summary.endswith((".", ")")), line
+    assert set(list_recipes()) == set(RECIPES)
+
+
+def test_summary_is_the_first_sentence(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# SAM (Foret et al. 2021), e.g. fast. More here.\n# Run: x\na: 1\n")
+    assert recipe_summary(recipe) == "SAM (Foret et al. 2021), e.g. fast."
+
+
+def test_unknown_recipe_names_close_matches() -> None:
+    with pytest.raises(SystemExit, match="did you mean digits_sam"):
+        find_recipe("digits_sma")
+    with pytest.raises(SystemExit, match="usage"):
+        main(["run"])
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if n not in NEED_FILES])
+def test_recipe_runs_by_name_with_fast_dev_run(tmp_path, name) -> None:
+    main(
+        [
+            "run",
+            name,
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+
+
+def test_trainer_presets_compose_after_a_recipe(tmp_path) -> None:
+    from lightning_noise.cli import LightningNoiseCLI, build_cli
+
+    cli = build_cli(
+        [
+            "--config",
+            str(find_recipe("digits_sam")),
+            "--config",
+            str(ROOT / "configs" / "trainer" / "cpu_quick.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    assert cli.trainer.max_epochs == 3 and cli.trainer.limit_train_batches == 10
+    assert any(type(cb).__name__ == "SAM" for cb in cli.trainer.callbacks)  # the recipe's kept
+
+    class ParseOnly(LightningNoiseCLI):
+        def instantiate_classes(self) -> None:  # no GPU here
+            pass
+
+    gpu = build_cli(
+        [
+            "--config",
+            str(find_recipe("digits_baseline")),
+            "--config",
+            str(ROOT / "configs" / "trainer" / "gpu_bf16.yaml"),
+        ],
+        run=False,
+        cli_class=ParseOnly,
+    )
+    assert gpu.config["trainer"]["precision"] == "bf16-mixed"
+    assert gpu.config["trainer"]["accelerator"] == "gpu"
+    assert gpu.config["trainer"]["max_epochs"] == 30  # the recipe's kept
