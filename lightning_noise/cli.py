@@ -8,12 +8,15 @@ LightningModule and LightningDataModule chosen by ``class_path`` (the recipes us
 :class:`~lightning_noise.data.AdditionDataModule`); callbacks are configured by
 ``class_path`` in ``trainer.callbacks``. ``lightning-noise recipes`` lists the recipes under
 ``recipes/`` with one line each, ``lightning-noise run <name> [overrides]`` fits one by name,
-and ``lightning-noise demo`` runs the embedded demo (see :mod:`lightning_noise.demo`).
+``lightning-noise sweep <file> --count N`` runs a W&B sweep definition offline (see
+:mod:`lightning_noise.sweep`), and ``lightning-noise demo`` runs the embedded demo (see
+:mod:`lightning_noise.demo`).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import sys
@@ -30,8 +33,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 __all__ = ["LightningNoiseCLI", "main"]
 
+#: Environment variable naming a JSON file for the final metrics of a ``fit``.
+SUMMARY_ENV = "LIGHTNING_NOISE_SUMMARY"
+
 #: Our own subcommands, dispatched before LightningCLI parses anything.
-SUBCOMMANDS = ("demo", "recipes", "run")
+SUBCOMMANDS = ("demo", "recipes", "run", "sweep")
 
 
 def recipes_dir() -> Path:
@@ -96,6 +102,36 @@ class LightningNoiseCLI(LightningCLI):
         )
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        """Give W&B the whole resolved config (what ``--print_config`` shows)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers or not self.trainer.is_global_zero:
+            return
+        import yaml
+
+        parser = self._parser(self.subcommand)
+        config = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+        config.pop("config", None)  # the paths of the config files themselves
+        for logger in wandb_loggers:
+            logger.experiment.config.update(config, allow_val_change=True)
+
+    def after_fit(self) -> None:
+        """Write the final metrics to ``$LIGHTNING_NOISE_SUMMARY`` when set (a local sweep reads
+        its objective there)."""
+        path = os.environ.get(SUMMARY_ENV)
+        if not path or not self.trainer.is_global_zero:
+            return
+        metrics = {}
+        for key, value in self.trainer.callback_metrics.items():
+            try:
+                metrics[key] = float(value)
+            except (TypeError, ValueError):
+                continue
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
 
 def build_cli(
     args: Sequence[str] | None = None,
@@ -125,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_noise.demo import main as demo_main
 
         demo_main(argv[1:])
+        return
+    if argv and argv[0] == "sweep":
+        from lightning_noise.sweep import main as sweep_main
+
+        sweep_main(argv[1:])
         return
     if argv and argv[0] == "recipes":
         _print_recipes()

@@ -323,6 +323,11 @@ class LabelAudit(Callback):
             Path(root).mkdir(parents=True, exist_ok=True)
             self._write_csv(statistic, noise_mask, clean_targets)
             self._write_plot(statistic, noise_mask)
+            for logger in trainer.loggers:  # W&B: the report as a table, the plot as an image
+                if hasattr(logger, "log_csv_table"):
+                    logger.log_csv_table(f"label_audit/{self.score}/report", self.csv_path)
+                if hasattr(logger, "log_figure_file") and os.path.exists(self.plot_path):
+                    logger.log_figure_file(f"label_audit/{self.score}/plot", self.plot_path)
 
     # ------------------------------------------------------------ predictions
     def predict_logits(self, pl_module: pl.LightningModule, inputs: Any) -> Tensor:
