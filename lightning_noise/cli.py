@@ -8,6 +8,7 @@ LightningModule and LightningDataModule chosen by ``class_path`` (the recipes us
 :class:`~lightning_noise.data.AdditionDataModule`); callbacks are configured by
 ``class_path`` in ``trainer.callbacks``. ``lightning-noise recipes`` lists the recipes under
 ``recipes/`` with one line each, ``lightning-noise run <name> [overrides]`` fits one by name,
+``lightning-noise plot <run dir>`` draws a run's figures (see :mod:`lightning_noise.plots`),
 ``lightning-noise sweep <file> --count N`` runs a W&B sweep definition offline (see
 :mod:`lightning_noise.sweep`), and ``lightning-noise demo`` runs the embedded demo (see
 :mod:`lightning_noise.demo`).
@@ -37,7 +38,7 @@ __all__ = ["LightningNoiseCLI", "main"]
 SUMMARY_ENV = "LIGHTNING_NOISE_SUMMARY"
 
 #: Our own subcommands, dispatched before LightningCLI parses anything.
-SUBCOMMANDS = ("demo", "recipes", "run", "sweep")
+SUBCOMMANDS = ("demo", "plot", "recipes", "run", "sweep")
 
 
 def recipes_dir() -> Path:
@@ -161,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_noise.demo import main as demo_main
 
         demo_main(argv[1:])
+        return
+    if argv and argv[0] == "plot":
+        from lightning_noise.plots import main as plot_main
+
+        plot_main(argv[1:])
         return
     if argv and argv[0] == "sweep":
         from lightning_noise.sweep import main as sweep_main

@@ -7,6 +7,7 @@ et al., NeurIPS 2020) or forgetting events (Toneva et al., ICLR 2019) read its s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,9 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_noise.dynamics.store import DynamicsStore
 from lightning_noise.types import SampleBatch
+
+#: File written to the logger's folder at the end of training.
+EXPORT_FILE = "dynamics.pt"
 
 __all__ = ["TrainingDynamics"]
 
@@ -177,6 +181,31 @@ class TrainingDynamics(Callback):
         padded[: stats.shape[0]] = stats
         gathered = trainer.strategy.all_gather(padded)  # [world_size, max_size, 4]
         return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+
+    # ---------------------------------------------------------------- export
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write ``dynamics.pt`` to the logger's folder (what ``lightning-noise plot`` reads):
+        the per-sample correctness history, last loss, first-learned epoch (``k``), AUM and,
+        when the training set knows it, its noise mask (for the reports only)."""
+        log_dir = trainer.log_dir if trainer.loggers else None  # every rank asks (broadcast)
+        if log_dir is None or not trainer.is_global_zero or self.store.num_samples == 0:
+            return
+        from lightning_noise.callbacks._reports import full_training_set, known_noise_info
+
+        try:
+            mask, _ = known_noise_info(trainer, full_training_set(trainer), self.store.num_samples)
+        except ValueError:
+            mask = None
+        export = {
+            "k": self.k,
+            "history": self.store.history,
+            "last_loss": self.store.last_loss,
+            "first_learned_epoch": self.store.first_learned_epoch(self.k),
+            "aum": self.store.aum(),
+            "noise_mask": mask,
+        }
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(export, Path(log_dir) / EXPORT_FILE)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
