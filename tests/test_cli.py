@@ -109,6 +109,7 @@ def test_cifar10n_recipe_end_to_end(tmp_path) -> None:
         "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false",
         "--model.init_args.backbone=test_resnet",
+        "--model.init_args.backbone_kwargs=null",  # the recipe's cifar_stem is for resnet18
     ]
     cli = build_cli(["fit", *args])
     assert cli.datamodule.noise == "given"

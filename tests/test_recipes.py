@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_noise.cli import find_recipe, list_recipes, main, recipe_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Recipes that need files a test writes first; tests/test_cli.py runs them on such files.
-NEED_FILES = {"cifar10n_baseline", "imagefolder_baseline"}
+#: Recipes that need files a test writes first (below, and tests/test_cli.py).
+NEED_FILES = {"imagefolder_baseline"} | {p.stem for p in (ROOT / "recipes").glob("cifar*.yaml")}
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 
@@ -84,3 +85,53 @@ def test_trainer_presets_compose_after_a_recipe(tmp_path) -> None:
     assert gpu.config["trainer"]["precision"] == "bf16-mixed"
     assert gpu.config["trainer"]["accelerator"] == "gpu"
     assert gpu.config["trainer"]["max_epochs"] == 30  # the recipe's kept
+
+
+@pytest.fixture(scope="module")
+def cifar_files(tmp_path_factory) -> Path:
+    """Small CIFAR-10 and CIFAR-100 files in the real formats, and CIFAR-10N-style labels."""
+    import numpy as np
+    import torch
+    from _formats import N_TRAIN_10, train_labels_10, write_cifar10, write_cifar100
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10(root / "cifar-10-batches-py")
+    write_cifar100(root / "cifar-100-python")
+    clean = train_labels_10()
+    worse = np.where(np.arange(N_TRAIN_10) % 4 == 0, (clean + 1) % 10, clean)
+    torch.save({"clean_label": clean, "worse_label": worse}, root / "CIFAR-10_human.pt")
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(n for n in NEED_FILES if n.startswith("cifar")))
+def test_cifar_recipes_run_on_generated_cifar_files(tmp_path, cifar_files, name) -> None:
+    args = [
+        "run",
+        name,
+        "--trainer.fast_dev_run=true",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--data.init_args.data_dir={cifar_files}",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=16",
+    ]
+    if name == "cifar10n_baseline":
+        args.append(f"--data.init_args.noisy_labels_file={cifar_files / 'CIFAR-10_human.pt'}")
+    main(args)
+
+
+def test_cifar_recipes_use_the_cifar_resnet() -> None:
+    from lightning_noise.models import create_backbone
+
+    for name in sorted(n for n in NEED_FILES if n.startswith("cifar")):
+        text = find_recipe(name).read_text()
+        assert "backbone: resnet18" in text and "cifar_stem: true" in text, name
+    net = create_backbone("resnet18", num_classes=10, cifar_stem=True).eval()
+    features = net.forward_features(torch.zeros(1, 3, 32, 32))
+    assert features.shape[-2:] == (4, 4)  # 32 / 8: no stride-2 stem, no max-pool
+    plain = create_backbone("resnet18", num_classes=10).eval()
+    plain = plain.forward_features(torch.zeros(1, 3, 32, 32))
+    assert plain.shape[-2:] == (1, 1)
+    with pytest.raises(ValueError, match="cifar_stem applies"):
+        create_backbone("vit_tiny_patch16_224", num_classes=10, cifar_stem=True)

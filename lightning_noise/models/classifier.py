@@ -27,12 +27,17 @@ def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs:
     """Build a randomly initialised timm model, with a clear error for unknown names.
 
     Pretrained weights are never downloaded (``pretrained=False``): this library runs
-    offline. Extra ``kwargs`` go to ``timm.create_model`` (``drop_rate``, ``img_size``, ...).
+    offline. Extra ``kwargs`` go to ``timm.create_model`` (``drop_rate``, ``img_size``, ...),
+    except ``cifar_stem=True``: a timm ResNet adapted to 32x32 inputs as the noisy-label papers'
+    CIFAR ResNets are (He et al.'s CIFAR variant): a 3x3 stride-1 first convolution and no
+    max-pooling, so the first stage sees 32x32 maps instead of 8x8.
 
     Example:
         >>> net = create_backbone("resnet18", num_classes=10, in_chans=1)
         >>> net(torch.zeros(2, 1, 32, 32)).shape
         torch.Size([2, 10])
+        >>> create_backbone("resnet18", num_classes=10, cifar_stem=True).conv1
+        Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
@@ -46,9 +51,20 @@ def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs:
             "pretrained weights cannot be downloaded here; load your own weights with "
             "`pretrained_cfg_overlay=dict(file=...)` in backbone_kwargs, or train from scratch"
         )
-    return timm.create_model(
+    cifar_stem = bool(kwargs.pop("cifar_stem", False))
+    model = timm.create_model(
         name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
     )
+    if cifar_stem:
+        conv1 = getattr(model, "conv1", None)
+        if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+            raise ValueError(
+                f"cifar_stem applies to timm ResNets with a single conv1 and a maxpool "
+                f"(resnet18, resnet34, resnet50, ...); {name!r} has none"
+            )
+        model.conv1 = nn.Conv2d(in_chans, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
 
 
 class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
