@@ -52,6 +52,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def _latest(root: Path, name: str) -> Path | None:
     found = sorted(root.rglob(name), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
@@ -93,9 +99,7 @@ def memorisation_curve(metrics_csv: Path, out: Path) -> tuple[Path, dict[str, li
     ax.set_title("Memorisation curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
     return out, data
 
 
@@ -121,9 +125,7 @@ def loss_distributions(export: dict[str, Any], out: Path) -> tuple[Path, dict[st
     ax.set(xlabel="last training loss", ylabel="samples")
     ax.set_title("Loss distributions at the end of training")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
     return out, data
 
 
@@ -148,9 +150,7 @@ def fkl_histogram(export: dict[str, Any], out: Path) -> tuple[Path, dict[str, li
     ax.set(xlabel=f"first epoch learned ({k} epochs right in a row)", ylabel="samples")
     ax.set_title("First-k-epoch learning (FkL)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
     return out, counts
 
 
@@ -187,9 +187,7 @@ def robustness_chart(
     ax.set_title("Robustness to label noise (mean and spread over seeds)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
     return out, table
 
 
