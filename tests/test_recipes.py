@@ -135,3 +135,24 @@ def test_cifar_recipes_use_the_cifar_resnet() -> None:
     assert plain.shape[-2:] == (1, 1)
     with pytest.raises(ValueError, match="cifar_stem applies"):
         create_backbone("vit_tiny_patch16_224", num_classes=10, cifar_stem=True)
+
+
+def test_data_presets_compose_after_a_recipe() -> None:
+    from lightning_noise.cli import build_cli
+
+    presets = sorted((ROOT / "configs" / "data").glob("*.yaml"))
+    assert len(presets) >= 4
+    for preset in presets:
+        want = yaml_mapping(preset)["data"]["init_args"]
+        cli = build_cli(
+            ["--config", str(find_recipe("digits_sam")), "--config", str(preset)], run=False
+        )
+        assert cli.datamodule.noise == want["noise"], preset.name
+        assert cli.datamodule.noise_rate == pytest.approx(want["noise_rate"]), preset.name
+        assert cli.datamodule.hparams.image_size == 16  # the recipe's other settings kept
+
+
+def yaml_mapping(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
