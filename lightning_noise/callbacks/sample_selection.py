@@ -207,6 +207,15 @@ class _SmallLossPolicy(Callback):
         self._batches_this_epoch = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_noise.mixins.coteaching import CoTeachingMixin
+
+        if stage == "fit" and isinstance(pl_module, CoTeachingMixin):
+            raise ValueError(
+                f"{type(self).__name__} cannot select samples for {type(pl_module).__name__}: "
+                "Co-teaching already trains each network on the small-loss samples its peer "
+                "picks; drop the callback (set the model's forget_rate instead), or use "
+                "ImageClassifier for single-network selection"
+            )
         if stage == "fit" and not callable(getattr(pl_module, "reduce_loss", None)):
             raise RuntimeError(
                 f"{type(self).__name__} selects samples before the loss is reduced, but "

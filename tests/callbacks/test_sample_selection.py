@@ -372,6 +372,19 @@ def test_module_without_the_mixin_fails_at_setup(tmp_path, policy) -> None:
         trainer.fit(NoMixin(), DataLoader(FeatureDataset(8), batch_size=4))
 
 
+@pytest.mark.parametrize("policy", [SmallLossSelection(0.2), AdaptiveK()], ids=["small", "k"])
+def test_coteaching_model_is_refused_at_setup(tmp_path, policy) -> None:
+    """Co-teaching selects between its networks itself: a second selection fails at once."""
+    from lightning_noise.data import DigitsDataModule
+    from lightning_noise.models import CoTeachingClassifier
+
+    model = CoTeachingClassifier("test_resnet", num_classes=10, in_chans=1)
+    dm = DigitsDataModule(image_size=8, channels=1, batch_size=64)
+    with pytest.raises(ValueError, match=r"Co-teaching already.*forget_rate"):
+        make_trainer(tmp_path, [policy], max_steps=1).fit(model, datamodule=dm)
+    assert model.global_step == 0  # refused before any step
+
+
 def test_module_that_never_calls_reduce_loss_fails_clearly(tmp_path) -> None:
     trainer = make_trainer(tmp_path, [SmallLossSelection(0.2)])
     with pytest.raises(RuntimeError, match=r"never asked.*reduce_loss"):
