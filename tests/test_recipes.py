@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_noise.cli import find_recipe, list_recipes, main, recipe_summary
 
@@ -143,16 +144,10 @@ def test_data_presets_compose_after_a_recipe() -> None:
     presets = sorted((ROOT / "configs" / "data").glob("*.yaml"))
     assert len(presets) >= 4
     for preset in presets:
-        want = yaml_mapping(preset)["data"]["init_args"]
+        want = yaml.safe_load(preset.read_text())["data"]["init_args"]
         cli = build_cli(
             ["--config", str(find_recipe("digits_sam")), "--config", str(preset)], run=False
         )
         assert cli.datamodule.noise == want["noise"], preset.name
         assert cli.datamodule.noise_rate == pytest.approx(want["noise_rate"]), preset.name
         assert cli.datamodule.hparams.image_size == 16  # the recipe's other settings kept
-
-
-def yaml_mapping(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())

@@ -52,8 +52,7 @@ class KernelSwap(pl.Callback):
 
     def __init__(self, softmax: bool = True, cross_entropy: bool = True, impl: str = "auto"):
         super().__init__()
-        if impl not in kernels.IMPLS:
-            raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
+        kernels.check_impl(impl)
         if not (softmax or cross_entropy):
             raise ValueError("KernelSwap with softmax=False and cross_entropy=False does nothing")
         self.softmax = bool(softmax)

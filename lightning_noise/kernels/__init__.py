@@ -16,6 +16,7 @@ on the CPU when ``TRITON_INTERPRET=1`` asks for Triton's interpreter), PyTorch o
 from lightning_noise.kernels._dispatch import (
     IMPLS,
     LAUNCHES,
+    check_impl,
     interpreting,
     resolve_impl,
     triton_available,
@@ -36,6 +37,7 @@ __all__ = [
     "FusedSoftmax",
     "LinearCrossEntropyFunction",
     "SoftmaxFunction",
+    "check_impl",
     "cross_entropy",
     "interpreting",
     "linear_cross_entropy",

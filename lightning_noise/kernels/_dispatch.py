@@ -23,12 +23,26 @@ from collections import Counter
 
 from torch import Tensor
 
-__all__ = ["IMPLS", "LAUNCHES", "interpreting", "resolve_impl", "triton_available"]
+__all__ = [
+    "IMPLS",
+    "LAUNCHES",
+    "check_impl",
+    "interpreting",
+    "resolve_impl",
+    "triton_available",
+]
 
 IMPLS = ("auto", "triton", "torch")
 
 #: Number of Triton kernel launches per kernel name since import.
 LAUNCHES: Counter[str] = Counter()
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`IMPLS`, else a ``ValueError`` naming them."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
 @functools.cache
@@ -61,9 +75,7 @@ _LATE_INTERPRET = (
 
 def resolve_impl(impl: str, tensor: Tensor) -> str:
     """``"triton"`` or ``"torch"`` for ``impl`` on ``tensor``'s device (see the module doc)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
+    if check_impl(impl) == "torch":
         return "torch"
     on_cpu = triton_available() and interpreting() and tensor.is_cpu
     late = on_cpu and not _interpreter_ready()

@@ -14,19 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_noise.kernels._dispatch import IMPLS
+from lightning_noise.kernels._dispatch import check_impl
 from lightning_noise.kernels.cross_entropy import cross_entropy
 from lightning_noise.kernels.softmax import softmax
 
 __all__ = ["FusedCrossEntropyLoss", "FusedSoftmax"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
 
 
 class FusedSoftmax(nn.Module):
@@ -41,7 +35,7 @@ class FusedSoftmax(nn.Module):
     def __init__(self, dim: int | None = -1, impl: str = "auto") -> None:
         super().__init__()
         self.dim = dim
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
 
     @classmethod
     def from_module(cls, module: nn.Softmax, impl: str = "auto") -> FusedSoftmax:
@@ -82,7 +76,7 @@ class FusedCrossEntropyLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
-        self.impl = _check_impl(impl)
+        self.impl = check_impl(impl)
 
     @classmethod
     def from_module(cls, module: nn.CrossEntropyLoss, impl: str = "auto") -> FusedCrossEntropyLoss:

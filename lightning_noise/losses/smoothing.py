@@ -131,12 +131,6 @@ def maxsup_cross_entropy(
     return reduce(loss, valid, reduction, target.shape)
 
 
-def check_impl(impl: str) -> str:
-    if impl not in kernels.IMPLS:
-        raise ValueError(f"impl must be one of {kernels.IMPLS}, got {impl!r}")
-    return impl
-
-
 def _use_kernel(impl: str, logits: Tensor) -> bool:
     """Whether to run the fused kernel: ``impl="triton"`` always (it fails clearly where it
     cannot run), ``"auto"`` when :func:`~lightning_noise.kernels.resolve_impl` picks Triton
@@ -184,7 +178,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         self.z_loss = check_number("z_loss", z_loss, low=0.0)
         self.ignore_index = int(ignore_index)
         self.reduction = check_reduction(reduction)
-        self.impl = check_impl(impl)
+        self.impl = kernels.check_impl(impl)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return label_smoothing_cross_entropy(
@@ -236,7 +230,7 @@ class MaxSupLoss(nn.Module):
         self.z_loss = check_number("z_loss", z_loss, low=0.0)
         self.ignore_index = int(ignore_index)
         self.reduction = check_reduction(reduction)
-        self.impl = check_impl(impl)
+        self.impl = kernels.check_impl(impl)
         self.alpha = self.alpha_start
 
     def set_progress(self, epoch: int, num_epochs: int | None) -> None:
