@@ -46,6 +46,7 @@ import torch
 from common import append_results, device_name
 from torch import nn
 
+from lightning_noise.types import find_callback
 from lightning_noise.callbacks import SAM, LabelAudit, LateStopping, SmallLossSelection
 from lightning_noise.data import DigitsDataModule
 from lightning_noise.dynamics import TrainingDynamics
@@ -104,7 +105,7 @@ class EpochTestAccuracy(pl.Callback):
                 total += y.numel()
         pl_module.train(was_training)
         self.accuracy.append(correct / total)
-        late = LateStopping.find(trainer)
+        late = find_callback(trainer, LateStopping)
         self.final_run.append(late is None or late.in_final_run)
 
 

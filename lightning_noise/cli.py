@@ -16,143 +16,30 @@ LightningModule and LightningDataModule chosen by ``class_path`` (the recipes us
 
 from __future__ import annotations
 
-import difflib
-import json
-import os
-import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-# Lightning 2.6 still calls jsonargparse APIs deprecated in jsonargparse 4.49; the warnings are
-# about Lightning's code, not the user's config, so they are silenced unless asked for.
-os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+from lightning_noise.lightning_cli import (
+    SUMMARY_ENV,
+    LightningNoiseCLI,
+    build_cli,
+    find_recipe,
+    list_recipes,
+    print_recipes,
+    recipe_summary,
+    recipes_dir,
+)
 
-import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-__all__ = ["LightningNoiseCLI", "main"]
-
-#: Environment variable naming a JSON file for the final metrics of a ``fit``.
-SUMMARY_ENV = "LIGHTNING_NOISE_SUMMARY"
-
-#: Our own subcommands, dispatched before LightningCLI parses anything.
-SUBCOMMANDS = ("demo", "plot", "recipes", "run", "sweep")
-
-
-def recipes_dir() -> Path:
-    """``./recipes`` when it exists, else the repository's ``recipes/``."""
-    here = Path.cwd() / "recipes"
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
-
-
-_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(?=\s)")
-
-
-def recipe_summary(path: Path) -> str:
-    """The first sentence of a recipe's leading comment, on one line."""
-    words: list[str] = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        text = line.lstrip("#").strip()
-        if text.startswith("Run:"):
-            break
-        words.append(text)
-    summary = " ".join(words)
-    end = _SENTENCE_END.search(summary)  # a full stop, not that of "et al." or "e.g."
-    return summary if end is None else summary[: end.start() + 1]
-
-
-def list_recipes() -> dict[str, Path]:
-    """Recipe name (file stem) -> path, sorted by name."""
-    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
-
-
-def find_recipe(name: str) -> Path:
-    """The recipe called ``name`` (with or without ``.yaml``), or a ``SystemExit`` naming the
-    close matches."""
-    recipes = list_recipes()
-    stem = name[:-5] if name.endswith(".yaml") else name
-    if stem in recipes:
-        return recipes[stem]
-    close = difflib.get_close_matches(stem, recipes, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise SystemExit(
-        f"no recipe named {name!r} in {recipes_dir()}{hint} (`lightning-noise recipes` lists them)"
-    )
-
-
-def _print_recipes() -> None:
-    recipes = list_recipes()
-    width = max(map(len, recipes), default=0)
-    for name, path in recipes.items():
-        print(f"{name:<{width}}  {recipe_summary(path)}")
-    print(f"\nrun one: lightning-noise run <name> [--key=value overrides]  ({recipes_dir()})")
-
-
-class LightningNoiseCLI(LightningCLI):
-    """LightningCLI with the DataModule's ``num_classes``/``in_chans`` linked to the model."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The DataModule knows its classes and channels once built; the model must not be
-        # configured twice (and wrongly) by hand.
-        parser.link_arguments(
-            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
-        )
-        parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
-
-    def before_fit(self) -> None:
-        """Give W&B the whole resolved config (what ``--print_config`` shows)."""
-        from lightning.pytorch.loggers import WandbLogger
-
-        wandb_loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
-        if not wandb_loggers or not self.trainer.is_global_zero:
-            return
-        import yaml
-
-        parser = self._parser(self.subcommand)
-        config = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
-        config.pop("config", None)  # the paths of the config files themselves
-        for logger in wandb_loggers:
-            logger.experiment.config.update(config, allow_val_change=True)
-
-    def after_fit(self) -> None:
-        """Write the final metrics to ``$LIGHTNING_NOISE_SUMMARY`` when set (a local sweep reads
-        its objective there)."""
-        path = os.environ.get(SUMMARY_ENV)
-        if not path or not self.trainer.is_global_zero:
-            return
-        metrics = {}
-        for key, value in self.trainer.callback_metrics.items():
-            try:
-                metrics[key] = float(value)
-            except (TypeError, ValueError):
-                continue
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(metrics, indent=1, sort_keys=True))
-
-
-def build_cli(
-    args: Sequence[str] | None = None,
-    *,
-    run: bool = True,
-    cli_class: type[LightningNoiseCLI] = LightningNoiseCLI,
-    **kwargs: Any,
-) -> LightningNoiseCLI:
-    """Build (and by default run) the CLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
-    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    return cli_class(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        args=list(args) if args is not None else None,
-        run=run,
-        **kwargs,
-    )
+__all__ = [
+    "SUMMARY_ENV",
+    "LightningNoiseCLI",
+    "build_cli",
+    "find_recipe",
+    "list_recipes",
+    "main",
+    "recipe_summary",
+    "recipes_dir",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -174,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sweep_main(argv[1:])
         return
     if argv and argv[0] == "recipes":
-        _print_recipes()
+        print_recipes()
         return
     if argv and argv[0] == "run":
         if len(argv) < 2 or argv[1].startswith("-"):

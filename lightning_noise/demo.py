@@ -136,7 +136,7 @@ def _slug(name: str) -> str:
 
 def run_row(row: DemoRow, *, out_dir: Path, extra_args: Sequence[str] = ()) -> RowResult:
     """Fit one recipe, test the final model and return its metrics and history."""
-    from lightning_noise.cli import build_cli
+    from lightning_noise.lightning_cli import build_cli
 
     history = MetricHistory()
     run_dir = out_dir / _slug(row.name)

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from lightning_noise.cli import SUMMARY_ENV
+from lightning_noise.lightning_cli import SUMMARY_ENV
 
 __all__ = ["expand_command", "load_sweep", "main", "run_sweep"]
 

@@ -1,10 +1,19 @@
-"""The seams between parts: what sample policies and observers see (DESIGN.md protocols 1-2)."""
+"""The contracts between parts: every way a model and a callback talk (DESIGN.md protocols 1-3).
+
+A callback never imports a mixin and a model never names a concrete callback class: they
+meet here. ``SampleBatch`` is what sample policies and observers see; ``SamplePolicy`` weights
+samples before the loss is reduced; ``LossTransform`` changes a module's loss (NoiseFiT);
+``Pausable`` is state that a re-run of ``training_step`` (SAM's second pass) must not move;
+``PerSampleModule`` is a module whose loss is reduced from per-sample losses;
+:func:`find_callback` finds the callbacks of one kind. Torch only, no Lightning import.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -12,7 +21,26 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import lightning.pytorch as pl
 
-__all__ = ["STEP_OUTPUT_KEYS", "SampleBatch", "SamplePolicy", "as_long_tensor"]
+__all__ = [
+    "PER_SAMPLE_STEP",
+    "SELECTS_OWN_SAMPLES",
+    "STEP_OUTPUT_KEYS",
+    "LossTransform",
+    "Pausable",
+    "PerSampleModule",
+    "SampleBatch",
+    "SamplePolicy",
+    "as_long_tensor",
+    "check_per_sample_module",
+    "find_callback",
+    "find_callbacks",
+]
+
+T = TypeVar("T")
+
+#: Name of the class attribute by which a module says it selects its own training samples
+#: (Co-teaching's two networks pick for each other): sample policies refuse such a module.
+SELECTS_OWN_SAMPLES = "selects_own_samples"
 
 #: Keys of the dict that a per-sample ``training_step`` returns (see ``PerSampleLossMixin``).
 STEP_OUTPUT_KEYS = ("loss", "per_sample_loss", "logits", "target", "index")
@@ -121,3 +149,111 @@ class SamplePolicy(Protocol):
     def sample_weights(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: SampleBatch
     ) -> Tensor: ...
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """State that must move once per optimizer step, however often ``training_step`` runs.
+
+    SAM's second pass re-runs ``training_step`` on the same batch at perturbed weights. Every
+    module of the LightningModule (itself included) and every callback that has
+    ``paused_updates()`` runs that pass inside it: per-step state (ELR's targets, the sample
+    weights cached by :class:`~lightning_noise.mixins.PerSampleLossMixin`, Co-teaching's
+    selection, a user's own counters) must then stay as after the first pass, and anything the
+    first pass decided for the batch must be reused rather than recomputed.
+    """
+
+    def paused_updates(self) -> AbstractContextManager[Any]: ...
+
+
+@runtime_checkable
+class LossTransform(Protocol):
+    """A callback that changes a module's training loss (NoiseFiT's hybrid loss).
+
+    The module calls ``transform_loss`` through
+    :meth:`~lightning_noise.mixins.NoiseFiTMixin.noisefit_loss` with its clean loss, logits
+    and a function that runs the forward pass again; it never names the callback's class.
+    """
+
+    def transform_loss(
+        self,
+        pl_module: pl.LightningModule,
+        loss: Tensor,
+        logits: Tensor,
+        forward: Callable[[], Tensor],
+        mask: Tensor | None = None,
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class PerSampleModule(Protocol):
+    """A LightningModule whose loss is reduced from per-sample losses (the mixin's methods).
+
+    ``reduce_loss`` asks the sample policies for weights; ``step_outputs`` builds the dict that
+    ``training_step`` returns so that observing callbacks read the batch.
+    """
+
+    def reduce_loss(self, losses: Tensor, batch: SampleBatch) -> Tensor: ...
+
+    def step_outputs(self, loss: Tensor, batch: SampleBatch) -> dict[str, Any]: ...
+
+
+def find_callbacks(trainer: Any, kind: type[T]) -> list[T]:
+    """Every callback of ``trainer`` that is a ``kind`` (a class or a runtime protocol)."""
+    return [cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, kind)]
+
+
+def find_callback(trainer: Any, kind: type[T], *, needed_by: str | None = None) -> T | None:
+    """The first callback of ``trainer`` that is a ``kind``, or ``None``.
+
+    With ``needed_by`` (the name of the caller) a missing callback raises a ``RuntimeError``
+    that names the fix instead.
+
+    Example:
+        >>> class Trainer:
+        ...     callbacks = [1, "two"]
+        >>> find_callback(Trainer(), str)
+        'two'
+        >>> find_callback(Trainer(), float, needed_by="MyCallback")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: MyCallback reads float, but the Trainer has no float callback; add it: ...
+    """
+    found = find_callbacks(trainer, kind)
+    if found:
+        return found[0]
+    if needed_by is not None:
+        name = kind.__name__
+        raise RuntimeError(
+            f"{needed_by} reads {name}, but the Trainer has no {name} callback; add it: "
+            f"`Trainer(callbacks=[{name}(), ...])`"
+        )
+    return None
+
+
+#: The code a module adds to compute per-sample losses; quoted by every setup-time refusal.
+PER_SAMPLE_STEP = """\
+    class MyModule(PerSampleLossMixin, L.LightningModule):   # lightning_noise.mixins
+        def training_step(self, batch, batch_idx):
+            x, y, index = batch  # the dataset wrapped in lightning_noise.data.Indexed
+            logits = self(x)
+            losses = F.cross_entropy(logits, y, reduction="none")
+            sample_batch = SampleBatch.create(index, y, logits, losses)
+            return self.step_outputs(self.reduce_loss(losses, sample_batch), sample_batch)"""
+
+
+def check_per_sample_module(pl_module: Any, who: str, why: str) -> None:
+    """Raise at setup unless ``pl_module`` reduces per-sample losses through the mixin.
+
+    Args:
+        pl_module: the LightningModule.
+        who: the name of the callback that needs it.
+        why: what the callback does with the per-sample losses (one clause).
+    """
+    if not isinstance(pl_module, PerSampleModule):
+        raise RuntimeError(
+            f"{who} {why}, but {type(pl_module).__name__} does not compute per-sample losses: "
+            "it needs lightning_noise.mixins.PerSampleLossMixin and a training_step that "
+            "reduces with `self.reduce_loss(losses, batch)` and returns `self.step_outputs(...)`"
+            f", like:\n{PER_SAMPLE_STEP}"
+        )

@@ -10,6 +10,7 @@ import pytest
 
 from lightning_noise.cli import LightningNoiseCLI, build_cli, main
 from lightning_noise.dynamics import TrainingDynamics
+from lightning_noise.types import find_callback
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FAST = [
@@ -115,7 +116,7 @@ def test_cifar10n_recipe_end_to_end(tmp_path) -> None:
     assert cli.datamodule.noise == "given"
     assert torch.equal(cli.datamodule.noise_mask, torch.as_tensor(worse != clean))
     assert cli.model.noise_mask.sum() == (worse != clean).sum()
-    store = TrainingDynamics.find(cli.trainer).store
+    store = find_callback(cli.trainer, TrainingDynamics).store
     assert store.num_samples == N_TRAIN_10 and bool(store.seen.all())
 
 

@@ -36,9 +36,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_noise.callbacks._reports import full_training_set, known_noise_info
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
+from lightning_noise.dynamics.reports import (
+    NEEDS_INDEX,
+    check_indexed_training_set,
+    full_training_set,
+    is_indexed_sample,
+    known_noise_info,
+)
 from lightning_noise.metrics import noise_detection_scores
+from lightning_noise.types import find_callback
 
 __all__ = ["SCORES", "LabelAudit", "rank_samples", "raw_statistic", "suspicion_scores"]
 
@@ -156,16 +163,6 @@ def _check_optional_int(name: str, value: Any, minimum: int) -> int | None:
     return value
 
 
-_NEEDS_INDEX = (
-    "LabelAudit needs training samples (input, target, index); wrap the training set in "
-    "lightning_noise.data.NoisyLabels(dataset, rate=0.0) to add sample indices"
-)
-
-
-def _is_indexed_sample(sample: Any) -> bool:
-    return isinstance(sample, list | tuple) and len(sample) == 3
-
-
 class LabelAudit(Callback):
     """Rank the training samples by a suspicion score and report the likely mislabeled ones.
 
@@ -271,11 +268,14 @@ class LabelAudit(Callback):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            TrainingDynamics.find(trainer)  # fail before training, naming the fix
+            find_callback(trainer, TrainingDynamics, needed_by="LabelAudit")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_indexed_training_set(trainer, "LabelAudit")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_results()
-        dynamics = TrainingDynamics.find(trainer)
+        dynamics = find_callback(trainer, TrainingDynamics, needed_by=type(self).__name__)
         store = dynamics.store
         n = store.num_samples
         self.scores = suspicion_scores(store, self.score, k=dynamics.k)
@@ -350,8 +350,8 @@ class LabelAudit(Callback):
                 "(or the datamodule must have `train_dataset`)"
             )
         # Checked on every rank, so that no rank waits in the broadcast for a failed rank zero.
-        if len(dataset) and not _is_indexed_sample(dataset[0]):
-            raise ValueError(_NEEDS_INDEX)
+        if len(dataset) and not is_indexed_sample(dataset[0]):
+            raise ValueError(NEEDS_INDEX.format(who="LabelAudit"))
         rows = None
         if trainer.is_global_zero:
             rows = self._predict_rows(trainer, pl_module, dataset)
@@ -388,8 +388,8 @@ class LabelAudit(Callback):
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 for batch in plain:
-                    if not _is_indexed_sample(batch):
-                        raise ValueError(_NEEDS_INDEX)
+                    if not is_indexed_sample(batch):
+                        raise ValueError(NEEDS_INDEX.format(who="LabelAudit"))
                     inputs, target, index = trainer.strategy.batch_to_device(batch)
                     prediction = self.predict_logits(pl_module, inputs).argmax(dim=1)
                     row = torch.stack([index.long(), target.long(), prediction.long()], dim=1)

@@ -11,111 +11,40 @@ their number reaches ``N_0 * prod(rate of rounds 1..r)`` (``N_0`` the full train
 round ends and exactly those examples form the next round's set. Rounds 1-4 use ``k = 1``,
 5-8 ``k = 2`` and 9-12 ``k = 3``. A final run trains a fresh model on the last set.
 
-The trainer-free core is :func:`round_schedule` (the k and the target of every round) and
-:func:`fkl_selection` (store -> next set); :class:`LateStopping` drives the rounds inside one
-``Trainer.fit``.
+The trainer-free core is :mod:`lightning_noise.functional.late_stopping`: ``round_schedule``
+(the k and the target of every round) and ``fkl_selection`` (learned mask -> next set);
+:class:`LateStopping` drives the rounds inside one ``Trainer.fit``.
 """
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from lightning_noise.callbacks._reports import full_training_set, known_noise_info
-from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
+from lightning_noise._compat import can_reload_train_dataloader, reload_train_dataloader
+from lightning_noise._validate import check_int
+from lightning_noise.data.restrict import restrict_loader
+from lightning_noise.dynamics import TrainingDynamics
+from lightning_noise.dynamics.reports import full_training_set, known_noise_info
+from lightning_noise.functional.late_stopping import (
+    RoundPlan,
+    check_rates,
+    check_rounds,
+    fkl_selection,
+    round_schedule,
+)
 from lightning_noise.metrics import noise_detection_scores
+from lightning_noise.types import find_callback
 
 __all__ = ["LateStopping", "RoundPlan", "fkl_selection", "round_schedule"]
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """One selection round: its 1-based number, FkL run length and target count."""
-
-    round: int
-    k: int
-    target: int
-
-
-def _check_rates(rate: Any, stages: int) -> tuple[float, ...]:
-    rates = (rate,) * stages if isinstance(rate, numbers.Real) else tuple(rate)
-    if len(rates) != stages:
-        raise ValueError(
-            f"rate must be one number or one per k stage ({stages} for "
-            f"rounds_per_k of length {stages}), got {rate!r}"
-        )
-    for value in rates:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"rate must hold numbers in (0, 1), got {rate!r}")
-        if not 0.0 < float(value) < 1.0:
-            raise ValueError(f"rate must be in (0, 1) (the kept fraction per round), got {rate!r}")
-    return tuple(float(v) for v in rates)
-
-
-def _check_rounds(rounds_per_k: Any) -> tuple[int, ...]:
-    if isinstance(rounds_per_k, numbers.Integral) or isinstance(rounds_per_k, str):
-        raise ValueError(
-            f"rounds_per_k must be a sequence (rounds with k=1, k=2, ...), got {rounds_per_k!r}"
-        )
-    rounds = tuple(rounds_per_k)
-    for value in rounds:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"rounds_per_k must hold integers >= 0, got {rounds_per_k!r}")
-    if sum(rounds) < 1:
-        raise ValueError(f"rounds_per_k must schedule at least one round, got {rounds_per_k!r}")
-    return tuple(int(v) for v in rounds)
-
-
-def round_schedule(
-    num_samples: int, rate: float | Sequence[float] = 0.955, rounds_per_k: Sequence[int] = (4, 4, 4)
-) -> list[RoundPlan]:
-    """The selection rounds: ``k`` and the target number of FkL examples of each.
-
-    ``rounds_per_k[i]`` rounds use ``k = i + 1``; round ``r`` ends when
-    ``int(num_samples * prod(rate of rounds 1..r))`` examples have reached FkL, the rate of a
-    round being that of its k stage (the official code's ``remove_rate_1..3``).
-
-    Example:
-        >>> [(p.round, p.k, p.target) for p in round_schedule(45000, 0.955, (2, 1))]
-        [(1, 1, 42975), (2, 1, 41041), (3, 2, 39194)]
-    """
-    rounds = _check_rounds(rounds_per_k)
-    rates = _check_rates(rate, len(rounds))
-    plans: list[RoundPlan] = []
-    fraction = 1.0
-    for stage, count in enumerate(rounds):
-        for _ in range(count):
-            fraction *= rates[stage]
-            plans.append(RoundPlan(len(plans) + 1, stage + 1, int(num_samples * fraction)))
-    return plans
-
-
-def fkl_selection(store: DynamicsStore, current: Tensor, k: int, *, since: int) -> Tensor:
-    """Sorted indices of ``current`` that reached first-time ``k``-epoch learning.
-
-    Only observations from epoch ``since`` on count (the round's start plus its warm-up).
-
-    Example:
-        >>> from lightning_noise.types import SampleBatch
-        >>> store = DynamicsStore(3)
-        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
-        >>> target = torch.tensor([0, 1, 1])
-        >>> batch = SampleBatch.create(torch.arange(3), target, logits, torch.zeros(3))
-        >>> store.update(batch, 0)
-        >>> fkl_selection(store, torch.tensor([0, 2]), 1, since=0).tolist()
-        [0]
-    """
-    learned = store.learned_mask(k, since=since)
-    current = current.long().cpu()
-    return current[learned[current]].sort().values
 
 
 class LateStopping(Callback):
@@ -127,11 +56,13 @@ class LateStopping(Callback):
     reaches the round's target (:func:`round_schedule`) the round ends, and before the next
     epoch the callback:
 
-    1. makes those examples the training set: it calls ``set_train_indices(indices)`` on the
-       datamodule (or the LightningModule) that provides ``train_dataloader`` and has the
-       trainer reload its training loader, so removed samples are never loaded again, on any
-       rank (:class:`~lightning_noise.data.NoisyLabelDataModule` implements it; see the
-       method card for your own DataModule);
+    1. makes those examples the training set and has the trainer reload its training loader,
+       so removed samples are never loaded again, on any rank: a DataModule (or
+       LightningModule) with ``set_train_indices(indices)`` (as
+       :class:`~lightning_noise.data.NoisyLabelDataModule`) builds its next loader itself;
+       for any other, the DataLoader its ``train_dataloader`` returns is rebuilt over the kept
+       samples (:func:`~lightning_noise.data.restrict.restrict_loader`: same batch size,
+       shuffling, workers and collate function);
     2. re-initialises the model to the weights it had when fit started (the official code
        builds a fresh random model each round; a snapshot makes rounds reproducible and
        resumable whatever builds the model; it is checkpointed with the callback);
@@ -193,19 +124,13 @@ class LateStopping(Callback):
         final_epochs: int = 300,
         max_round_epochs: int = 300,
     ) -> None:
-        self.rounds_per_k = _check_rounds(rounds_per_k)
-        self.rate = _check_rates(rate, len(self.rounds_per_k))
-        self.warmup_epochs = self._check_int("warmup_epochs", warmup_epochs, 0)
-        self.final_epochs = self._check_int("final_epochs", final_epochs, 1)
-        self.max_round_epochs = self._check_int("max_round_epochs", max_round_epochs, 1)
+        self.rounds_per_k = check_rounds(rounds_per_k)
+        self.rate = check_rates(rate, len(self.rounds_per_k))
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, minimum=0)
+        self.final_epochs = check_int("final_epochs", final_epochs, minimum=1)
+        self.max_round_epochs = check_int("max_round_epochs", max_round_epochs, minimum=1)
         self.num_rounds = sum(self.rounds_per_k)
         self._reset_state()
-
-    @staticmethod
-    def _check_int(name: str, value: Any, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        return int(value)
 
     def _reset_state(self) -> None:
         self.round_index = 0  # 0-based selection round; num_rounds is the final run
@@ -217,6 +142,7 @@ class LateStopping(Callback):
         self.detection: dict[str, float] | None = None
         self._initial_state: dict[str, Tensor] | None = None
         self._source: Any = None
+        self._original_loader: Any = None
 
     @property
     def state_key(self) -> str:
@@ -227,14 +153,6 @@ class LateStopping(Callback):
         """Whether the selection rounds are over and the final run trains."""
         return self.round_index >= self.num_rounds
 
-    @classmethod
-    def find(cls, trainer: pl.Trainer) -> LateStopping | None:
-        """The ``LateStopping`` among ``trainer.callbacks``, or ``None``."""
-        for callback in getattr(trainer, "callbacks", None) or []:
-            if isinstance(callback, cls):
-                return callback
-        return None
-
     def min_epochs_needed(self) -> int:
         """The fewest epochs the schedule can take: warm-up + k per round, plus the final run."""
         k_of_round = [stage + 1 for stage, n in enumerate(self.rounds_per_k) for _ in range(n)]
@@ -243,23 +161,54 @@ class LateStopping(Callback):
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _find_source(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The DataModule (else the LightningModule) that provides ``train_dataloader``."""
         for source in (getattr(trainer, "datamodule", None), pl_module):
-            if source is not None and callable(getattr(source, "set_train_indices", None)):
+            if source is None:
+                continue
+            if callable(getattr(source, "set_train_indices", None)):
+                return source
+            if is_overridden("train_dataloader", source):
                 return source
         raise ValueError(
-            "LateStopping shrinks the training set between rounds, so the DataModule (or the "
-            "LightningModule) that provides train_dataloader must implement "
-            "`set_train_indices(indices)` and build its next training loader over those "
-            "samples only; lightning_noise.data.NoisyLabelDataModule (and its digits, CIFAR "
-            "and ImageFolder subclasses) does. See docs/methods/late_stopping.md"
+            "LateStopping shrinks the training set between rounds, so it must rebuild the "
+            "training loader; a loader passed as trainer.fit(train_dataloaders=...) cannot be "
+            "rebuilt. Pass a DataModule (`trainer.fit(model, datamodule=dm)`) or define "
+            "`train_dataloader` on the LightningModule; a DataModule with "
+            "`set_train_indices(indices)` builds the smaller loader itself. See "
+            "docs/methods/late_stopping.md"
         )
+
+    def _restrict(self, source: Any) -> None:
+        """Make ``source`` load only the kept samples from now on.
+
+        With ``set_train_indices`` (this library's DataModules) the source rebuilds its loader
+        itself; otherwise its ``train_dataloader`` is wrapped (on this instance only, undone
+        at the end of fit) so that the loader it returns is rebuilt over the kept samples
+        (:func:`~lightning_noise.data.restrict.restrict_loader`).
+        """
+        if callable(getattr(source, "set_train_indices", None)):
+            source.set_train_indices(self.kept)
+            return
+        if self._original_loader is None:
+            original = source.train_dataloader
+            self._original_loader = original
+
+            def train_dataloader() -> Any:
+                return restrict_loader(original(), self.kept)
+
+            source.train_dataloader = train_dataloader
+
+    def _unrestrict(self) -> None:
+        if self._original_loader is not None and self._source is not None:
+            del self._source.train_dataloader  # back to the class's method
+        self._original_loader = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        TrainingDynamics.find(trainer)  # fail before training, naming the fix
+        find_callback(trainer, TrainingDynamics, needed_by="LateStopping")
         self._source = self._find_source(trainer, pl_module)
-        if not hasattr(trainer, "fit_loop") or not hasattr(trainer.fit_loop, "_combined_loader"):
+        if not can_reload_train_dataloader(trainer):
             raise RuntimeError(  # pragma: no cover - guards a Lightning-internal change
                 "LateStopping cannot make this Lightning version reload its training loader; "
                 "please report it with your Lightning version"
@@ -288,7 +237,7 @@ class LateStopping(Callback):
                 for key, value in pl_module.state_dict().items()
             }
         # Before the fit loop requests its first training loader.
-        self._source.set_train_indices(self.kept)
+        self._restrict(self._source)
 
     # ------------------------------------------------------------------ rounds
     def plan(self, num_samples: int) -> list[RoundPlan]:
@@ -311,14 +260,16 @@ class LateStopping(Callback):
                 )
             return
 
-        store = TrainingDynamics.find(trainer).store
+        store = find_callback(trainer, TrainingDynamics, needed_by=type(self).__name__).store
         if self.num_samples is None:
             self.num_samples = store.num_samples
         plan = self.plan(self.num_samples)[self.round_index]
         current = self._current_set()
         since = self.round_start_epoch + self.warmup_epochs
         learned = (
-            fkl_selection(store, current, plan.k, since=since) if epoch >= since else current[:0]
+            fkl_selection(store.learned_mask(plan.k, since=since), current)
+            if epoch >= since
+            else current[:0]
         )
         self._log(pl_module, k=plan.k, learned=learned.numel(), target=plan.target)
         if learned.numel() >= plan.target:
@@ -408,13 +359,16 @@ class LateStopping(Callback):
         assert self._initial_state is not None
         pl_module.load_state_dict(self._initial_state)
         trainer.strategy.setup_optimizers(trainer)
-        self._source.set_train_indices(self.kept)
-        # Lightning 2.x has no public call to rebuild the training loader mid-fit: the fit
-        # loop requests a new one at the next epoch start when it holds none. A sampler that
-        # shrinks in place would not do: Lightning may wrap it with a fixed length.
-        trainer.fit_loop._combined_loader = None
+        self._restrict(self._source)
+        # The fit loop requests a new loader at the next epoch start. A sampler that shrinks
+        # in place would not do: Lightning may wrap it with a fixed length.
+        reload_train_dataloader(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: Any) -> None:
+        self._unrestrict()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unrestrict()
         if not self.finished:
             where = (
                 f"in the final run ({trainer.current_epoch - self.round_start_epoch} of "

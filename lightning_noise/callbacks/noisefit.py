@@ -7,7 +7,7 @@ At the start of fit the callback finds the model's transformer blocks, measures 
 signal-to-noise ratio on one calibration batch and picks the ``num_layers`` blocks with the
 highest (or lowest) SNR. Forward hooks on those blocks then add adaptive Gaussian noise to
 their output hidden states, but only during the two extra *noisy* passes of each training
-step, which the module runs through :meth:`NoiseFiT.hybrid_loss`. The loss is
+step, which the module runs through :meth:`NoiseFiT.transform_loss`. The loss is
 ``alpha * CE + (1 - alpha) * soft + lam * consistency``
 (:func:`lightning_noise.losses.noisefit.hybrid_loss`). Evaluation and prediction never see
 noise.
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_noise.losses._common import check_number
-from lightning_noise.losses.noisefit import adaptive_noise, hybrid_loss, layer_snr
+from lightning_noise.losses.noisefit import adaptive_noise, choose_layers, hybrid_loss, layer_snr
 
 __all__ = ["BLOCK_CONTAINERS", "NoiseFiT", "find_blocks"]
 
@@ -167,13 +167,6 @@ class NoiseFiT(Callback):
     def state_key(self) -> str:
         return "NoiseFiT"
 
-    @classmethod
-    def find(cls, trainer: pl.Trainer) -> NoiseFiT | None:
-        for callback in getattr(trainer, "callbacks", None) or []:
-            if isinstance(callback, cls):
-                return callback
-        return None
-
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -243,8 +236,8 @@ class NoiseFiT(Callback):
             beta=self.beta,
             generator=generator,
         )
-        order = torch.topk(values, self.num_layers, largest=self.snr_order == "largest").indices
-        return [names[i] for i in order.tolist()], dict(zip(names, values.tolist(), strict=True))
+        chosen = choose_layers(values, self.num_layers, largest=self.snr_order == "largest")
+        return [names[i] for i in chosen], dict(zip(names, values.tolist(), strict=True))
 
     def _register(self, pl_module: pl.LightningModule) -> None:
         self._remove()
@@ -291,7 +284,7 @@ class NoiseFiT(Callback):
         finally:
             self._pass = None
 
-    def hybrid_loss(
+    def transform_loss(
         self,
         pl_module: pl.LightningModule,
         loss: Tensor,
@@ -299,7 +292,13 @@ class NoiseFiT(Callback):
         forward: Callable[[], Tensor],
         mask: Tensor | None = None,
     ) -> Tensor:
-        """``alpha * loss + (1 - alpha) * soft + lam * consistency`` with two noisy passes."""
+        """``alpha * loss + (1 - alpha) * soft + lam * consistency`` with two noisy passes
+        (the :class:`~lightning_noise.types.LossTransform` the module applies).
+
+        Under SAM the second pass calls this again at the perturbed weights: the noise is
+        seeded by the global step and the pass, so it draws the same noise as the first pass
+        and SAM differentiates the same hybrid objective at ``w + e`` (its definition:
+        ``grad L(w + e)`` of the one loss ``L``); its logs are dropped."""
         if not pl_module.training or not self._handles:
             return loss
         self._step = pl_module.global_step

@@ -14,8 +14,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
+from lightning_noise._validate import check_int
+from lightning_noise.dynamics.reports import (
+    check_indexed_training_set,
+    full_training_set,
+    known_noise_info,
+    unwrap_subset,
+)
 from lightning_noise.dynamics.store import DynamicsStore
 from lightning_noise.types import SampleBatch
 
@@ -25,21 +32,6 @@ EXPORT_FILE = "dynamics.pt"
 __all__ = ["TrainingDynamics"]
 
 
-def _full_dataset_size(dataset: Any) -> int | None:
-    """Length of the full training set behind ``dataset``, or None when it has no length.
-
-    Indices are positions in the *full* training set (DESIGN.md protocol 1), so a
-    ``Subset`` (e.g. the shrinking set of Late Stopping) is unwrapped to the dataset it
-    indexes.
-    """
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
-
-
 class TrainingDynamics(Callback):
     """Record per-sample training dynamics of every training batch into a ``DynamicsStore``.
 
@@ -47,8 +39,14 @@ class TrainingDynamics(Callback):
     ``"per_sample_loss"``, ``"logits"``, ``"target"``, ``"index"``; see
     ``PerSampleLossMixin``). At each ``on_train_batch_end`` the callback records each sample's
     correctness against its given label, loss and AUM margin at ``trainer.current_epoch``.
-    Other callbacks find it with :meth:`find` and read :attr:`store`; place it before them in
-    ``callbacks`` when they read it in ``on_train_batch_end``.
+    Other callbacks find it with ``find_callback(trainer, TrainingDynamics)``
+    (:func:`lightning_noise.types.find_callback`) and read :attr:`store`; place it before
+    them in ``callbacks`` when they read it in ``on_train_batch_end``.
+
+    The training samples must carry their index (:class:`~lightning_noise.data.Indexed`,
+    checked before the first batch) and ``training_step`` must return the per-sample dict
+    (checked at the first batch; ``PerSampleLossMixin.step_outputs`` builds it); each error
+    shows the code to add.
 
     Under DDP every rank all-gathers the per-sample statistics of all ranks, padded because
     the last batch may differ in size per rank, so every rank holds an identical store equal
@@ -64,42 +62,22 @@ class TrainingDynamics(Callback):
             dataloader's dataset (unwrapping ``Subset``), which must then have a length.
 
     Example:
+        >>> from lightning_noise.types import find_callback
         >>> callback = TrainingDynamics(k=2)
         >>> trainer = pl.Trainer(callbacks=[callback], logger=False)
-        >>> TrainingDynamics.find(trainer) is callback
+        >>> find_callback(trainer, TrainingDynamics) is callback
         True
     """
 
     def __init__(self, k: int = 3, *, num_samples: int | None = None) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if num_samples is not None and (
-            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0
-        ):
-            raise ValueError(f"num_samples must be None or an integer >= 0, got {num_samples!r}")
-        self.k = k
-        self.num_samples = num_samples
+        self.k = check_int("k", k, minimum=1)
+        self.num_samples = check_int("num_samples", num_samples, minimum=0, optional=True)
         self.store = DynamicsStore(num_samples or 0)
 
     @property
     def state_key(self) -> str:
         # Stable across runs and hyperparameters, so a checkpoint resumes even when k changes.
         return "TrainingDynamics"
-
-    @classmethod
-    def find(cls, trainer: pl.Trainer) -> TrainingDynamics:
-        """Return the ``TrainingDynamics`` among ``trainer.callbacks``.
-
-        Raises:
-            RuntimeError: when there is none, naming the fix.
-        """
-        for callback in getattr(trainer, "callbacks", None) or []:
-            if isinstance(callback, cls):
-                return callback
-        raise RuntimeError(
-            f"this callback reads per-sample training dynamics, but the Trainer has no "
-            f"{cls.__name__} callback; add it: `Trainer(callbacks=[{cls.__name__}(), ...])`"
-        )
 
     # ------------------------------------------------------------- sizing
     def _size_store(self, trainer: pl.Trainer) -> None:
@@ -108,7 +86,8 @@ class TrainingDynamics(Callback):
             return
         loader = trainer.train_dataloader
         if isinstance(loader, DataLoader):
-            size = _full_dataset_size(loader.dataset)
+            dataset = unwrap_subset(loader.dataset)
+            size = len(dataset) if hasattr(dataset, "__len__") else None
         else:
             size = None
         if size is None:
@@ -121,6 +100,7 @@ class TrainingDynamics(Callback):
             self.store.resize(size)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_indexed_training_set(trainer, "TrainingDynamics")
         self._size_store(trainer)
         max_epochs = trainer.max_epochs
         if max_epochs is not None and 0 < max_epochs <= 100_000:  # -1/None: unbounded
@@ -190,8 +170,6 @@ class TrainingDynamics(Callback):
         log_dir = trainer.log_dir if trainer.loggers else None  # every rank asks (broadcast)
         if log_dir is None or not trainer.is_global_zero or self.store.num_samples == 0:
             return
-        from lightning_noise.callbacks._reports import full_training_set, known_noise_info
-
         try:
             mask, _ = known_noise_info(trainer, full_training_set(trainer), self.store.num_samples)
         except ValueError:

@@ -135,3 +135,16 @@ def hybrid_loss(
     consistency = _masked_mean(_kl_rows(noisy_logits2, noisy_logits1), mask)
     total = alpha * ce + (1 - alpha) * soft + lam * consistency
     return total, {"ce": ce.detach(), "soft": soft.detach(), "consistency": consistency.detach()}
+
+
+def choose_layers(snr: Tensor, num_layers: int, *, largest: bool = True) -> list[int]:
+    """Positions of the ``num_layers`` layers with the largest (or lowest) SNR, best first
+    (the official ``--snr_format``: Largest or Lowest).
+
+    Example:
+        >>> choose_layers(torch.tensor([0.5, 2.0, 1.0]), 2)
+        [1, 2]
+    """
+    if not 1 <= num_layers <= snr.numel():
+        raise ValueError(f"num_layers must be in [1, {snr.numel()}], got {num_layers!r}")
+    return torch.topk(snr, num_layers, largest=largest).indices.tolist()

@@ -12,67 +12,16 @@ adds the two-network training step to a LightningModule, and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-# One schedule for Co-teaching and small-loss selection: the official rate_schedule, exactly.
-from lightning_noise.callbacks.sample_selection import coteaching_forget_rate
+from lightning_noise.functional.selection import coteaching_forget_rate, coteaching_selection
 from lightning_noise.types import SampleBatch
 
 __all__ = ["CoTeachingMixin", "coteaching_forget_rate", "coteaching_selection"]
-
-
-def _small_loss(losses: Tensor, candidates: Tensor, forget_rate: float) -> Tensor:
-    """Boolean mask of the ``int((1 - forget_rate) * n)`` smallest losses among candidates.
-
-    At least one sample is kept; ties go to the earlier position (stable sort).
-    """
-    keep = torch.zeros_like(candidates)
-    positions = candidates.nonzero().squeeze(1)
-    n = positions.numel()
-    if n == 0:
-        return keep
-    num_remember = max(1, int((1.0 - forget_rate) * n))
-    order = torch.sort(losses.detach()[positions], stable=True).indices
-    keep[positions[order[:num_remember]]] = True
-    return keep
-
-
-def coteaching_selection(
-    loss1: Tensor,
-    loss2: Tensor,
-    forget_rate: float,
-    *,
-    disagree: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Which samples update each network: ``(keep_for_net1, keep_for_net2)``.
-
-    Network 1 is updated on the small-loss samples of network 2, and vice versa (Han et al.
-    2018, Algorithm 1). With ``disagree`` (Co-teaching+, Yu et al. 2019) the selection runs
-    only among the samples where the networks' predictions differ; when they agree on the
-    whole batch, both networks are updated on every sample (as the official code).
-
-    Args:
-        loss1: ``[B]`` per-sample losses of network 1.
-        loss2: ``[B]`` per-sample losses of network 2.
-        forget_rate: fraction dropped, in [0, 1).
-        disagree: optional ``[B]`` bool mask of disagreement.
-    """
-    if loss1.shape != loss2.shape or loss1.dim() != 1:
-        raise ValueError(
-            f"loss1 and loss2 must be per-sample [B] losses of one shape, got "
-            f"{tuple(loss1.shape)} and {tuple(loss2.shape)}"
-        )
-    candidates = torch.ones_like(loss1, dtype=torch.bool)
-    if disagree is not None:
-        if not bool(disagree.any()):
-            return candidates, candidates.clone()
-        candidates = disagree.bool()
-    picked_by_1 = _small_loss(loss1, candidates, forget_rate)
-    picked_by_2 = _small_loss(loss2, candidates, forget_rate)
-    return picked_by_2, picked_by_1
 
 
 class CoTeachingMixin:
@@ -97,6 +46,22 @@ class CoTeachingMixin:
     num_gradual: int
     exponent: float
     plus_start_epoch: int | None
+
+    #: Sample policies (``SmallLossSelection``, ``AdaptiveK``) refuse this module at setup.
+    selects_own_samples = True
+    _selection_paused: bool = False
+    _last_selection: tuple[Tensor, Tensor] | None = None
+
+    @contextlib.contextmanager
+    def paused_updates(self) -> Iterator[None]:
+        """Reuse this step's selection in a re-run of the step (SAM's second pass): the peers
+        keep the samples they picked at ``w``, not at the perturbed weights
+        (:class:`~lightning_noise.types.Pausable`)."""
+        self._selection_paused = True
+        try:
+            yield
+        finally:
+            self._selection_paused = False
 
     def coteaching_networks(self) -> tuple[nn.Module, nn.Module]:  # pragma: no cover
         raise NotImplementedError
@@ -123,7 +88,11 @@ class CoTeachingMixin:
         epoch = int(getattr(self, "current_epoch", 0))
         if self.plus_start_epoch is not None and epoch >= self.plus_start_epoch:
             disagree = logits1.detach().argmax(1) != logits2.detach().argmax(1)
-        keep1, keep2 = coteaching_selection(loss1, loss2, rate, disagree=disagree)
+        if self._selection_paused and self._last_selection is not None:
+            keep1, keep2 = self._last_selection
+        else:
+            keep1, keep2 = coteaching_selection(loss1, loss2, rate, disagree=disagree)
+            self._last_selection = (keep1, keep2)
         loss = loss1[keep1].mean() + loss2[keep2].mean()
         stats = {
             "forget_rate": rate,

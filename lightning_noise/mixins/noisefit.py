@@ -1,4 +1,4 @@
-"""The module side of NoiseFiT (:class:`~lightning_noise.callbacks.NoiseFiT`)."""
+"""The module side of NoiseFiT: where a training step's loss meets a loss transform."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_noise._compat import attached_trainer
+from lightning_noise.types import LossTransform, find_callbacks
+
 __all__ = ["NoiseFiTMixin"]
 
 
@@ -14,9 +17,11 @@ class NoiseFiTMixin:
     """The module side of NoiseFiT: turn a training step's loss into the hybrid loss.
 
     Call :meth:`noisefit_loss` at the end of ``training_step`` with the clean pass's loss and
-    logits and a function that runs the forward pass again. Without a ``NoiseFiT`` callback
-    it returns ``loss`` unchanged. :meth:`noisefit_inputs` tells the callback which part of a
-    batch the calibration pass feeds to ``forward`` (default: ``batch[0]``).
+    logits and a function that runs the forward pass again. Every
+    :class:`~lightning_noise.types.LossTransform` among the trainer's callbacks (NoiseFiT)
+    then changes the loss, in the order of ``callbacks``; without one it is returned
+    unchanged. :meth:`noisefit_inputs` tells the callback which part of a batch the
+    calibration pass feeds to ``forward`` (default: ``batch[0]``).
     """
 
     def noisefit_loss(
@@ -26,13 +31,9 @@ class NoiseFiTMixin:
         forward: Callable[[], Tensor],
         mask: Tensor | None = None,
     ) -> Tensor:
-        from lightning_noise.callbacks.noisefit import NoiseFiT
-
-        trainer = getattr(self, "_trainer", None)
-        callback = None if trainer is None else NoiseFiT.find(trainer)
-        if callback is None:
-            return loss
-        return callback.hybrid_loss(self, loss, logits, forward, mask)  # type: ignore[arg-type]
+        for transform in find_callbacks(attached_trainer(self), LossTransform):
+            loss = transform.transform_loss(self, loss, logits, forward, mask)  # type: ignore[arg-type]
+        return loss
 
     def noisefit_inputs(self, batch: Any) -> Any:
         return batch[0] if isinstance(batch, list | tuple) else batch

@@ -8,12 +8,15 @@ small-loss selection) then weight or remove samples without the model knowing ab
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_noise.types import SampleBatch, SamplePolicy
+from lightning_noise._compat import attached_trainer
+from lightning_noise.types import SampleBatch, SamplePolicy, find_callbacks
 
 __all__ = ["PerSampleLossMixin"]
 
@@ -33,17 +36,63 @@ class PerSampleLossMixin:
     the mixin changes nothing. With policies, their weights are multiplied and the loss is
     ``sum(w * l) / sum(w)`` over the batch; the fraction of samples kept (``w > 0``) is logged
     as ``train/kept_fraction``.
+
+    The mixin is :class:`~lightning_noise.types.Pausable`: when ``training_step`` runs again on
+    the same batch inside :meth:`paused_updates` (SAM's second pass), the policies are not
+    asked again; the weights of the first pass are reused, call for call. So a policy is asked
+    once per batch and its state (Adaptive-k's moving averages) moves once per step, and the
+    second pass trains on exactly the samples the first pass kept.
     """
+
+    _weights_paused: bool = False
+    _weights_cursor: int = 0
+    _weights_step: int | None = None
+    _weights_cache: list[Tensor | None]
 
     def sample_policies(self) -> list[SamplePolicy]:
         """The callbacks of the attached trainer that select or weight samples."""
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None:
-            return []
-        return [cb for cb in trainer.callbacks if isinstance(cb, SamplePolicy)]
+        return find_callbacks(attached_trainer(self), SamplePolicy)
+
+    @contextlib.contextmanager
+    def paused_updates(self) -> Iterator[None]:
+        """Reuse the sample weights of this step's first pass instead of asking the policies."""
+        self._weights_paused, self._weights_cursor = True, 0
+        try:
+            yield
+        finally:
+            self._weights_paused = False
 
     def sample_weights(self, batch: SampleBatch) -> Tensor | None:
         """The product of every policy's weights for ``batch``, or ``None`` without policies."""
+        if self._weights_paused:
+            return self._cached_weights(batch)
+        weights = self._ask_policies(batch)
+        trainer = attached_trainer(self)
+        step = None if trainer is None else trainer.global_step
+        if step != self._weights_step or not hasattr(self, "_weights_cache"):
+            self._weights_step, self._weights_cache = step, []
+        self._weights_cache.append(weights)
+        return weights
+
+    def _cached_weights(self, batch: SampleBatch) -> Tensor | None:
+        cache = getattr(self, "_weights_cache", [])
+        if self._weights_cursor >= len(cache):
+            raise RuntimeError(
+                f"{type(self).__name__}.training_step called reduce_loss more often in a paused "
+                "re-run (SAM's second pass) than in the first pass of the step; it must reduce "
+                "the same per-sample losses on every pass of a batch"
+            )
+        weights = cache[self._weights_cursor]
+        self._weights_cursor += 1
+        if weights is not None and weights.shape[0] != len(batch):
+            raise RuntimeError(
+                f"{type(self).__name__}: the re-run of training_step reduced {len(batch)} "
+                f"losses where the first pass reduced {weights.shape[0]}; the batch must be the "
+                "same on every pass of a step"
+            )
+        return weights
+
+    def _ask_policies(self, batch: SampleBatch) -> Tensor | None:
         policies = self.sample_policies()
         if not policies:
             return None
@@ -73,8 +122,8 @@ class PerSampleLossMixin:
 
         Returns:
             The plain mean without policies, else the weighted mean ``sum(w*l) / sum(w)``.
-            When every weight is zero the result is ``0 * losses.sum()`` (a zero loss that
-            keeps the graph, so DDP gradient sync and AMP still see every parameter).
+            When every weight is zero the result is ``sum(0 * l) = 0`` (a zero loss that keeps
+            the graph, so DDP gradient sync and AMP still see every parameter).
         """
         if losses.dim() != 1:
             raise ValueError(
@@ -87,14 +136,14 @@ class PerSampleLossMixin:
         weights = weights.to(losses.dtype)
         kept = (weights > 0).float().mean()
         log = getattr(self, "log", None)
-        trainer = getattr(self, "_trainer", None)
+        trainer = attached_trainer(self)
         # Log only inside a running training loop (self.log raises outside one).
         if callable(log) and trainer is not None and trainer.training:
             log("train/kept_fraction", kept, on_step=False, on_epoch=True, batch_size=len(batch))
+        # Without a host sync: when every weight is 0 the numerator is 0 (a zero loss that keeps
+        # the graph, so DDP gradient sync and AMP still see every parameter).
         total = weights.sum()
-        if float(total) <= 0.0:
-            return losses.sum() * 0.0
-        return (weights * losses).sum() / total
+        return (weights * losses).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
 
     @staticmethod
     def step_outputs(loss: Tensor, batch: SampleBatch) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from lightning_noise.callbacks.late_stopping import fkl_selection, round_schedul
 from lightning_noise.data import DigitsDataModule
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
 from lightning_noise.models import ImageClassifier
-from lightning_noise.types import SampleBatch
+from lightning_noise.types import SampleBatch, find_callback
 
 ROOT = Path(__file__).resolve().parents[2]
 # A short schedule for digits: rounds of k = 1 and k = 2, then a 2-epoch final run.
@@ -135,12 +135,12 @@ def test_fkl_selection_is_the_official_counting(k, warm_up) -> None:
     # The official WARM_UP_EPOCHS = w skips epochs 0..w, i.e. warmup_epochs = w + 1 here.
     expected = official_fkl(labels.tolist(), predictions, k, warm_up)
     current = torch.arange(n)
-    got = fkl_selection(store, current, k, since=warm_up + 1)
+    got = fkl_selection(store.learned_mask(k, since=warm_up + 1), current)
     assert set(got.tolist()) == expected
     assert 0 < len(expected) < n
     # Restricted to a subset, it is the subset's part of the same set.
     subset = torch.arange(0, n, 3)
-    got_subset = fkl_selection(store, subset, k, since=warm_up + 1)
+    got_subset = fkl_selection(store.learned_mask(k, since=warm_up + 1), subset)
     assert set(got_subset.tolist()) == expected & set(subset.tolist())
 
 
@@ -174,7 +174,7 @@ def test_needs_a_data_source_that_can_shrink(tmp_path) -> None:
     dm = digits()
     loader = dm.train_dataloader()
     trainer = make_trainer(tmp_path, [TrainingDynamics(), LateStopping(**FAST)])
-    with pytest.raises(ValueError, match="set_train_indices"):
+    with pytest.raises(ValueError, match=r"train_dataloaders=.*DataModule.*set_train_indices"):
         trainer.fit(model(), train_dataloaders=loader)
 
 
@@ -260,7 +260,7 @@ def test_each_round_loads_only_its_set(trained) -> None:
     starts = round_starts(late)
     sets = [torch.arange(n)]
     # Recompute each round's next set from the store: the FkL examples of the round's set.
-    store = TrainingDynamics.find(trained.trainer).store
+    store = find_callback(trained.trainer, TrainingDynamics).store
     for i, record in enumerate(late.rounds):
         since = starts[i] + FAST["warmup_epochs"]
         # Observations of later rounds must not count: replay on a store cut at the round end.
@@ -271,7 +271,7 @@ def test_each_round_loads_only_its_set(trained) -> None:
             index = torch.nonzero(seen).reshape(-1)
             right = history[index, epoch] == 1
             cut.record(index, right, torch.zeros(len(index)), torch.zeros(len(index)), epoch)
-        expected = fkl_selection(cut, sets[-1], int(record["k"]), since=since)
+        expected = fkl_selection(cut.learned_mask(int(record["k"]), since=since), sets[-1])
         assert expected.numel() == record["kept"]
         sets.append(expected)
     assert torch.equal(late.kept, sets[-1])
@@ -378,7 +378,7 @@ def test_cli_recipe_runs_end_to_end(tmp_path) -> None:
         ],
         run=False,
     )
-    late = LateStopping.find(cli.trainer)
+    late = find_callback(cli.trainer, LateStopping)
     assert late is not None and late.rounds_per_k == (1,)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert late.finished and len(late.rounds) == 1

@@ -178,9 +178,9 @@ def test_noise_only_inside_the_training_steps_noisy_passes(tmp_path) -> None:
         with noisefit.noisy(0):
             noisy = model(x)
     assert not torch.equal(clean, noisy)
-    # hybrid_loss outside training mode leaves the loss alone.
+    # transform_loss outside training mode leaves the loss alone.
     loss = torch.tensor(1.0)
-    assert noisefit.hybrid_loss(model, loss, clean, lambda: model(x)) is loss
+    assert noisefit.transform_loss(model, loss, clean, lambda: model(x)) is loss
     metrics = trainer.callback_metrics
     assert {"noisefit/ce", "noisefit/soft", "noisefit/consistency"} <= set(metrics)
 

@@ -452,7 +452,8 @@ def test_resume_from_checkpoint_is_exact(tmp_path, make) -> None:
     _fit_digits(tmp_path / "b", half_cb, 1)
     half_state = half_cb.state_dict()
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["callbacks"]
-    assert saved[half_cb.state_key] == half_state
+    # A stateless policy (SmallLossSelection) saves nothing; Lightning stores no empty state.
+    assert saved.get(half_cb.state_key, {}) == half_state
     resumed_cb = make()
     resumed = _fit_digits(tmp_path / "c", resumed_cb, 2, ckpt=tmp_path / "b" / "last.ckpt")
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
-from lightning_noise.types import SampleBatch
+from lightning_noise.types import SampleBatch, find_callback
 
 NUM_FEATURES, NUM_CLASSES = 5, 3
 
@@ -127,7 +127,7 @@ def test_training_changes_the_dynamics(tmp_path):
     # Learning happens: more samples are correct at the end than at the start.
     assert int((history[:, -1] == 1).sum()) > int((history[:, 0] == 1).sum())
     assert bool(callback.store.last_loss.isfinite().all())
-    assert TrainingDynamics.find(trainer) is callback
+    assert find_callback(trainer, TrainingDynamics) is callback
 
 
 def test_subset_indexes_the_full_training_set(tmp_path):
@@ -174,8 +174,9 @@ def test_validation_and_find():
     with pytest.raises(ValueError, match="num_samples"):
         TrainingDynamics(num_samples=-3)
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    assert find_callback(trainer, TrainingDynamics) is None
     with pytest.raises(RuntimeError, match=r"callbacks=\[TrainingDynamics\(\)"):
-        TrainingDynamics.find(trainer)
+        find_callback(trainer, TrainingDynamics, needed_by="LabelAudit")
     callback = TrainingDynamics()
     assert callback.state_key == "TrainingDynamics"
     assert TrainingDynamics(k=5).state_key == callback.state_key

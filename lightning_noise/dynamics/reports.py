@@ -1,4 +1,5 @@
-"""What the noisy-label reports share: the known noise of the training set.
+"""What the per-sample callbacks share about the training set: its full size, its sample
+indices and, for reports, its known noise.
 
 Clean labels and noise masks are read here for reports and metrics only, never by a method
 (DESIGN.md protocol 1).
@@ -13,7 +14,29 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-__all__ = ["full_training_set", "known_noise_info"]
+__all__ = [
+    "NEEDS_INDEX",
+    "check_indexed_training_set",
+    "full_training_set",
+    "is_indexed_sample",
+    "known_noise_info",
+    "unwrap_subset",
+]
+
+#: What a callback that reads sample indices says when the training samples have none.
+NEEDS_INDEX = (
+    "{who} needs training samples (input, target, index) so that it can follow each sample "
+    "across epochs; wrap your training dataset: `lightning_noise.data.Indexed(dataset)` (or "
+    "lightning_noise.data.NoisyLabels(dataset, ...) to add label noise too)"
+)
+
+
+def unwrap_subset(dataset: Any) -> Any:
+    """The dataset behind any nesting of ``Subset``: sample indices are positions in the
+    *full* training set (DESIGN.md protocol 1), e.g. under Late Stopping's shrinking set."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def full_training_set(trainer: pl.Trainer) -> Any:
@@ -21,11 +44,29 @@ def full_training_set(trainer: pl.Trainer) -> Any:
     else the datamodule's ``train_dataset``, else ``None``."""
     loader = trainer.train_dataloader
     if isinstance(loader, DataLoader):
-        dataset = loader.dataset
-        while isinstance(dataset, Subset):
-            dataset = dataset.dataset
-        return dataset
+        return unwrap_subset(loader.dataset)
     return getattr(getattr(trainer, "datamodule", None), "train_dataset", None)
+
+
+def is_indexed_sample(sample: Any) -> bool:
+    """Whether a dataset item is ``(input, target, index)``."""
+    return isinstance(sample, list | tuple) and len(sample) == 3
+
+
+def check_indexed_training_set(trainer: pl.Trainer, who: str) -> None:
+    """Raise before the first training batch unless the training samples carry an index.
+
+    Looks at the first sample of the map-style dataset behind ``trainer.train_dataloader``;
+    an iterable dataset (no length) is not checked here.
+    """
+    dataset = full_training_set(trainer)
+    try:
+        size = len(dataset)
+    except TypeError:
+        return
+    if size and not is_indexed_sample(dataset[0]):
+        got = f"{len(dataset[0])} items" if isinstance(dataset[0], list | tuple) else "one item"
+        raise ValueError(NEEDS_INDEX.format(who=who) + f" (a sample has {got})")
 
 
 def known_noise_info(
