@@ -4,137 +4,29 @@
 optimizer step ``t`` each gradient element gets i.i.d. noise ``N(0, sigma_t^2)`` with the
 annealed variance ``sigma_t^2 = eta / (1 + t)^gamma``.
 
-The trainer-free core is :func:`gradient_noise_std` (the schedule), :func:`noise_seed` (the
-per-step seed) and :func:`add_gradient_noise` (the draw); :class:`GradientNoise` is the thin
-Lightning adapter.
+The trainer-free core is :mod:`lightning_noise.functional.gradient_noise`
+(``gradient_noise_std``, the schedule; ``noise_seed``, the per-step seed;
+``add_gradient_noise``, the draw); :class:`GradientNoise` is the thin Lightning adapter.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Iterable, Mapping
-from numbers import Real
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from torch import Tensor
+
+from lightning_noise._validate import check_int
+from lightning_noise.functional.gradient_noise import (
+    add_gradient_noise,
+    check_schedule,
+    gradient_noise_std,
+    noise_seed,
+)
 
 __all__ = ["GradientNoise", "add_gradient_noise", "gradient_noise_std", "noise_seed"]
-
-_SEED_MASK = (1 << 63) - 1
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _check_schedule(eta: Any, gamma: Any) -> None:
-    if not _is_real(eta) or not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"eta must be a finite number > 0 (the paper uses 0.01-1), got {eta!r}")
-    if not _is_real(gamma) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0 (the paper uses 0.55), got {gamma!r}")
-
-
-def gradient_noise_std(step: int, *, eta: float, gamma: float) -> float:
-    """Standard deviation of the gradient noise at optimizer step ``step`` (Neelakantan et al.).
-
-    The paper's schedule ``eta / (1 + t)^gamma`` is the noise **variance**, so the standard
-    deviation is its square root.
-
-    Args:
-        step: The optimizer-step counter ``t`` (0 for the first step), >= 0.
-        eta: Initial variance, > 0; the paper chooses from {0.01, 0.3, 1.0}.
-        gamma: Decay exponent of the variance, >= 0; the paper uses 0.55.
-
-    Returns:
-        ``sqrt(eta / (1 + step) ** gamma)``.
-
-    Example:
-        >>> round(gradient_noise_std(0, eta=0.3, gamma=0.55) ** 2, 6)
-        0.3
-        >>> round(gradient_noise_std(99, eta=1.0, gamma=0.55), 4)  # 100^-0.275
-        0.2818
-    """
-    _check_schedule(eta, gamma)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    # A common bug (e.g. a widely copied Lightning example and several ports) uses
-    # eta / (1 + t)^gamma itself as the std: that squares the variance, giving 0.09 instead of
-    # 0.3 at t=0 for eta=0.3, and makes the variance decay as (1 + t)^(-2 gamma).
-    return math.sqrt(eta / (1 + step) ** gamma)
-
-
-def noise_seed(seed: int, step: int) -> int:
-    """Seed of the noise generator at one step: a 63-bit hash of ``(seed, step)``.
-
-    The noise is a function of ``(seed, step)`` only, so it is identical on every DDP rank and
-    continues unchanged after a resume. The pair is hashed (BLAKE2b, stable across processes
-    and platforms, unlike Python's salted ``hash``) rather than added, because ``seed + step``
-    would make the runs with seeds 0 and 1 share one noise sequence shifted by a step. The
-    result is masked to 63 bits so that it is a valid non-negative ``manual_seed`` everywhere.
-
-    Args:
-        seed: The user's seed, >= 0.
-        step: The optimizer step, >= 0.
-
-    Returns:
-        An integer in ``[0, 2**63)``.
-
-    Example:
-        >>> noise_seed(0, 5) == noise_seed(0, 5) != noise_seed(0, 6)
-        True
-    """
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _SEED_MASK
-
-
-@torch.no_grad()
-def add_gradient_noise(parameters: Iterable[Tensor], std: float, *, generator_seed: int) -> None:
-    """Add i.i.d. ``N(0, std^2)`` noise in place to the ``.grad`` of every parameter.
-
-    Parameters whose ``.grad`` is ``None`` are skipped. The noise is drawn from a
-    ``torch.Generator`` on each gradient's device seeded with ``generator_seed`` (one
-    generator per device, parameters in the given order), never from the global RNG, so the
-    same parameters in the same order with the same seed always get the same noise.
-
-    Args:
-        parameters: Tensors whose ``.grad`` receive the noise (e.g. ``model.parameters()``).
-        std: Standard deviation of the noise, finite and >= 0.
-        generator_seed: Seed of the generator, e.g. ``noise_seed(seed, step)``.
-
-    Raises:
-        ValueError: for a negative or non-finite ``std``, or a sparse gradient.
-
-    Example:
-        >>> w = torch.zeros(3, requires_grad=True)
-        >>> w.grad = torch.zeros(3)
-        >>> add_gradient_noise([w], 0.5, generator_seed=noise_seed(0, 0))
-        >>> bool(w.grad.ne(0).all())
-        True
-    """
-    if not _is_real(std) or not math.isfinite(std) or std < 0:
-        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
-    generators: dict[torch.device, torch.Generator] = {}
-    for param in parameters:
-        grad = param.grad
-        if grad is None:
-            continue
-        if grad.is_sparse:
-            # Dense noise would densify the gradient behind a sparse optimizer's back.
-            raise ValueError(
-                "add_gradient_noise does not support sparse gradients (e.g. "
-                "nn.Embedding(sparse=True)); use dense gradients"
-            )
-        generator = generators.get(grad.device)
-        if generator is None:
-            generator = torch.Generator(device=grad.device).manual_seed(generator_seed)
-            generators[grad.device] = generator
-        noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
-        grad.add_(noise, alpha=std)
 
 
 class GradientNoise(Callback):
@@ -182,12 +74,8 @@ class GradientNoise(Callback):
     """
 
     def __init__(self, eta: float = 0.3, gamma: float = 0.55, *, seed: int = 0) -> None:
-        _check_schedule(eta, gamma)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        self.eta = float(eta)
-        self.gamma = float(gamma)
-        self.seed = seed
+        self.eta, self.gamma = check_schedule(eta, gamma)
+        self.seed = check_int("seed", seed, minimum=0)
         #: Global step at which noise was last added; -1 before the first step.
         self.last_step = -1
 

@@ -179,6 +179,13 @@ class SAM(Callback):
                 f"{name} supports single-device and DDP strategies, got "
                 f"{type(trainer.strategy).__name__}"
             )
+        others = [cb for cb in trainer.callbacks if isinstance(cb, SAM) and cb is not self]
+        if others:
+            raise RuntimeError(
+                f"{name} and {type(others[0]).__name__}: use one sharpness-aware callback; "
+                "each would run its own second pass and replace the gradient, so keep one of "
+                "SAM, ASAM, FSAM"
+            )
         mine = trainer.callbacks.index(self) if self in trainer.callbacks else -1
         for cb in trainer.callbacks[: max(mine, 0)]:
             if type(cb).on_before_optimizer_step is not Callback.on_before_optimizer_step:
