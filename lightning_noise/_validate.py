@@ -50,16 +50,14 @@ def check_number(
         >>> check_number("rho", 0, low=0, low_open=True)
         Traceback (most recent call last):
         ...
-        ValueError: rho must be a number in (0, inf), got 0
+        ValueError: rho must be in (0, inf), got 0
     """
     left = "(" if low_open else "["
     right = ")" if high_open or high is None else "]"
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    bounds = f"{left}{lo}, {hi}{right}"
-    message = f"{name} must be a number in {bounds}, got {value!r}{_suffix(hint)}"
+    bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    message = f"{name} must be in {bounds}, got {value!r}{_suffix(hint)}"
     if not is_real(value):
-        raise ValueError(message)
+        raise ValueError(f"{name} must be a number in {bounds}, got {value!r}{_suffix(hint)}")
     number = float(value)
     ok = True
     if low is not None:

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_noise._validate import check_choice, check_int
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
 from lightning_noise.dynamics.reports import (
     NEEDS_INDEX,
@@ -64,9 +65,7 @@ _DEFAULT_FLAG_FRACTION = 0.1
 
 
 def _check_score(score: Any) -> str:
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    return score
+    return check_choice("score", score, SCORES)
 
 
 def raw_statistic(store: DynamicsStore, score: str, *, k: int = 3) -> Tensor:
@@ -155,14 +154,6 @@ def rank_samples(suspicion: Tensor, tie_break: Tensor | None = None) -> Tensor:
     return index[order]
 
 
-def _check_optional_int(name: str, value: Any, minimum: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}")
-    return value
-
-
 class LabelAudit(Callback):
     """Rank the training samples by a suspicion score and report the likely mislabeled ones.
 
@@ -232,7 +223,7 @@ class LabelAudit(Callback):
         flag_fraction: float | None = None,
     ) -> None:
         self.score = _check_score(score)
-        self.top_k = _check_optional_int("top_k", top_k, 1)
+        self.top_k = check_int("top_k", top_k, minimum=1, optional=True)
         if output_dir is not None and not isinstance(output_dir, str | os.PathLike):
             raise ValueError(f"output_dir must be None or a path, got {output_dir!r}")
         self.output_dir = None if output_dir is None else os.fspath(output_dir)

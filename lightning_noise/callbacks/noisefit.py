@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_noise.losses._common import check_number
+from lightning_noise._validate import check_choice, check_int, check_number
 from lightning_noise.losses.noisefit import adaptive_noise, choose_layers, hybrid_loss, layer_snr
 
 __all__ = ["BLOCK_CONTAINERS", "NoiseFiT", "find_blocks"]
@@ -133,20 +133,8 @@ class NoiseFiT(Callback):
         calibration_passes: int = 10,
         seed: int = 0,
     ) -> None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
-        if snr not in ("largest", "lowest"):
-            raise ValueError(f"snr must be 'largest' or 'lowest', got {snr!r}")
-        if (
-            isinstance(calibration_passes, bool)
-            or not isinstance(calibration_passes, int)
-            or calibration_passes < 1
-        ):
-            raise ValueError(
-                f"calibration_passes must be an integer >= 1, got {calibration_passes!r}"
-            )
-        self.num_layers = num_layers
-        self.snr_order = snr
+        self.num_layers = check_int("num_layers", num_layers, minimum=1)
+        self.snr_order = check_choice("snr", snr, ("largest", "lowest"))
         self.noise_std = check_number("noise_std", noise_std, low=0.0)
         self.beta = check_number("beta", beta, low=0.0)
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
@@ -154,7 +142,7 @@ class NoiseFiT(Callback):
         self.temperature = check_number("temperature", temperature, low=0.0, low_open=True)
         self.detach_clean = bool(detach_clean)
         self.layer_names = None if layers is None else list(layers)
-        self.calibration_passes = calibration_passes
+        self.calibration_passes = check_int("calibration_passes", calibration_passes, minimum=1)
         self.seed = int(seed)
         self.selected: list[str] = []
         self.snr: dict[str, float] = {}

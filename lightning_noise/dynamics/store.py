@@ -19,18 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_noise._validate import check_int
 from lightning_noise.types import SampleBatch, as_long_tensor
 
 __all__ = ["DynamicsStore"]
 
 _NOT_SEEN = -1
 _STATE_VERSION = 1
-
-
-def _check_count(value: Any, *, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class DynamicsStore:
@@ -81,8 +76,8 @@ class DynamicsStore:
     """
 
     def __init__(self, num_samples: int = 0, *, initial_epochs: int = 8) -> None:
-        _check_count(num_samples, name="num_samples", minimum=0)
-        self._initial_epochs = _check_count(initial_epochs, name="initial_epochs", minimum=1)
+        check_int("num_samples", num_samples, minimum=0)
+        self._initial_epochs = check_int("initial_epochs", initial_epochs, minimum=1)
         self._num_epochs = 0
         self._allocate(num_samples, initial_epochs)
 
@@ -120,7 +115,7 @@ class DynamicsStore:
                 drops recorded samples; indices refer to the full training set, so a training
                 subset does not need a smaller store.
         """
-        _check_count(num_samples, name="num_samples", minimum=0)
+        check_int("num_samples", num_samples, minimum=0)
         n_old = self.num_samples
         if num_samples < n_old:
             raise ValueError(
@@ -153,7 +148,7 @@ class DynamicsStore:
         With the run's length known (the callback passes ``trainer.max_epochs``) the history
         is exactly N x ``num_epochs`` bytes, instead of up to twice that after doubling.
         """
-        _check_count(num_epochs, name="num_epochs", minimum=1)
+        check_int("num_epochs", num_epochs, minimum=1)
         self._set_epoch_capacity(max(num_epochs, self._num_epochs))
 
     def _set_epoch_capacity(self, new_capacity: int) -> None:
@@ -315,8 +310,8 @@ class DynamicsStore:
             since: Ignore observations before this epoch (Late Stopping's official code
                 counts only epochs after a warm-up).
         """
-        _check_count(k, name="k", minimum=1)
-        _check_count(since, name="since", minimum=0)
+        check_int("k", k, minimum=1)
+        check_int("since", since, minimum=0)
         n = self.num_samples
         # One vectorised pass over the epochs, tracking each sample's current run of correct
         # observations; unseen epochs (-1) leave the run untouched.
@@ -357,8 +352,8 @@ class DynamicsStore:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore exactly the state saved by :meth:`state_dict`."""
-        n = _check_count(state_dict["num_samples"], name="num_samples", minimum=0)
-        num_epochs = _check_count(state_dict["num_epochs"], name="num_epochs", minimum=0)
+        n = check_int("num_samples", state_dict["num_samples"], minimum=0)
+        num_epochs = check_int("num_epochs", state_dict["num_epochs"], minimum=0)
         history = state_dict["history"]
         if tuple(history.shape) != (n, num_epochs):
             raise ValueError(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_noise._validate import check_choice, check_number
 
 __all__ = [
     "REDUCTIONS",
@@ -21,35 +21,7 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 def check_reduction(reduction: Any) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """``value`` as a finite float within the given bounds, else a ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value)
-    if low is not None:
-        ok = ok and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
-    return value
+    return check_choice("reduction", reduction, REDUCTIONS)
 
 
 def check_logits_target(logits: Tensor, target: Tensor, ignore_index: int) -> None:

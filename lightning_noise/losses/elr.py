@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_noise._validate import check_int
 from lightning_noise.losses._common import check_number, check_reduction, flatten, reduce
 
 __all__ = ["ELRLoss", "elr_regularizer", "elr_update"]
@@ -107,11 +108,7 @@ class ELRLoss(nn.Module):
         super().__init__()
         self.beta = check_number("beta", beta, low=0.0, high=1.0, high_open=True)
         self.lam = check_number("lam", lam, low=0.0)
-        if num_samples is not None and (
-            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-        ):
-            raise ValueError(f"num_samples must be None or an integer >= 1, got {num_samples!r}")
-        self.num_samples = num_samples
+        self.num_samples = check_int("num_samples", num_samples, minimum=1, optional=True)
         self.ignore_index = int(ignore_index)
         self.reduction = check_reduction(reduction)
         self._targets: Tensor | None = None  # [capacity, C]
