@@ -13,12 +13,59 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from lightning_noise._compat import attached_trainer
 from lightning_noise.types import SampleBatch, SamplePolicy, find_callbacks
 
-__all__ = ["PerSampleLossMixin"]
+__all__ = ["CapturedCrossEntropy", "PerSampleLossMixin"]
+
+
+class CapturedCrossEntropy(TorchFunctionMode):
+    """Turns ``F.cross_entropy(logits, target)`` (mean reduction) into the mixin's reduction.
+
+    Made by :meth:`PerSampleLossMixin.per_sample_losses`; after the ``with`` block,
+    :attr:`batch` is the :class:`~lightning_noise.types.SampleBatch` of the (last) call.
+    """
+
+    def __init__(self, module: PerSampleLossMixin, index: Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.index = index
+        self.batch: SampleBatch | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
+        if func is not F.cross_entropy:
+            return func(*args, **kwargs)
+        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce")
+        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        logits, target = call["input"], call["target"]
+        plain_mean = (
+            call.get("reduction", "mean") == "mean"
+            and call.get("size_average") is None
+            and call.get("reduce") is None
+            and logits.dim() == 2
+            and target.dim() == 1
+            and not target.dtype.is_floating_point
+            and logits.shape[0] == self.index.shape[0]
+        )
+        if not plain_mean:
+            return func(*args, **kwargs)
+        if call.get("weight") is not None:
+            raise ValueError(
+                "per_sample_losses cannot turn a class-weighted F.cross_entropy into per-sample "
+                "losses (its mean divides by the sum of the weights); compute the losses with "
+                "reduction='none' and call self.reduce_loss yourself"
+            )
+        call["reduction"] = "none"
+        for legacy in ("size_average", "reduce"):
+            call.pop(legacy, None)
+        losses = func(**call)
+        self.batch = SampleBatch.create(self.index, target, logits, losses)
+        return self.module.reduce_loss(losses, self.batch)
 
 
 class PerSampleLossMixin:
@@ -144,6 +191,37 @@ class PerSampleLossMixin:
         # the graph, so DDP gradient sync and AMP still see every parameter).
         total = weights.sum()
         return (weights * losses).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+    @contextlib.contextmanager
+    def per_sample_losses(self, index: Tensor) -> Iterator[CapturedCrossEntropy]:
+        """Per-sample methods for a ``training_step`` that calls ``F.cross_entropy`` itself.
+
+        Inside the block, a call of ``F.cross_entropy(logits, target)`` (or of an
+        ``nn.CrossEntropyLoss`` module) with ``[B, C]`` logits, ``[B]`` targets and the default
+        mean reduction returns ``self.reduce_loss(per-sample losses, batch)`` instead: the
+        plain mean without sample policies, their weighted mean with them. ``index`` holds the
+        ``[B]`` sample indices of the batch. Other calls (another reduction, other shapes)
+        are left alone; a block without any call it could turn raises, so nothing is skipped
+        silently::
+
+            x, y, index = batch
+            with self.per_sample_losses(index) as captured:
+                loss = F.cross_entropy(self(x), y)      # unchanged user code
+            return self.step_outputs(loss, captured.batch)
+
+        Targets equal to ``ignore_index`` are not supported here (they would count as
+        samples of loss 0): compute the losses with ``reduction="none"`` instead.
+        """
+        captured = CapturedCrossEntropy(self, index)
+        with captured:
+            yield captured
+        if captured.batch is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.per_sample_losses(index) saw no F.cross_entropy(logits, "
+                f"target) call with [B, C] logits, [B] targets (B = {index.shape[0]}, the "
+                "length of index) and the default mean reduction; compute the loss inside the "
+                "block, or use reduction='none' and self.reduce_loss"
+            )
 
     @staticmethod
     def step_outputs(loss: Tensor, batch: SampleBatch) -> dict[str, Any]:

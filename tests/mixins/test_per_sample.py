@@ -166,3 +166,104 @@ def test_sample_batch_validation_and_margin() -> None:
         SampleBatch(torch.arange(2), torch.zeros(2, dtype=torch.long), logits, torch.ones(()))
     with pytest.raises(TypeError, match="PerSampleLossMixin"):
         SampleBatch.from_outputs(torch.ones(()))
+
+
+# ------------------------------------------------ a module that calls F.cross_entropy itself
+class OwnCrossEntropy(Tiny):
+    """The user's unchanged loss line, inside ``per_sample_losses``."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        with self.per_sample_losses(index) as captured:
+            loss = F.cross_entropy(self.net(x), y)
+        return self.step_outputs(loss, captured.batch)
+
+
+def _fit_with(module, callbacks):
+    from lightning_noise.dynamics import TrainingDynamics
+
+    dynamics = TrainingDynamics()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[*callbacks, dynamics],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    torch.manual_seed(1)
+    trainer.fit(module, DataLoader(IndexedData(), batch_size=8, shuffle=True))
+    return module, dynamics
+
+
+def test_per_sample_losses_from_f_cross_entropy_equal_the_explicit_reduction() -> None:
+    from lightning_noise.callbacks import SAM, SmallLossSelection
+
+    explicit, dyn_a = _fit_with(Tiny(), [SAM(rho=0.05), SmallLossSelection(0.5, num_gradual=1)])
+    captured, dyn_b = _fit_with(
+        OwnCrossEntropy(), [SAM(rho=0.05), SmallLossSelection(0.5, num_gradual=1)]
+    )
+    for a, b in zip(explicit.parameters(), captured.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(dyn_a.store.history, dyn_b.store.history)
+    plain, _ = _fit_with(OwnCrossEntropy(), [SAM(rho=0.05)])
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), captured.parameters()))
+
+
+def test_per_sample_losses_without_policies_is_the_plain_mean() -> None:
+    module = OwnCrossEntropy()
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    with module.per_sample_losses(torch.arange(4)) as captured:
+        loss = F.cross_entropy(module.net(x), y)
+        untouched = F.cross_entropy(module.net(x), y, reduction="sum")
+    torch.testing.assert_close(loss, F.cross_entropy(module.net(x), y))
+    torch.testing.assert_close(untouched, F.cross_entropy(module.net(x), y, reduction="sum"))
+    assert captured.batch is not None and torch.equal(captured.batch.index, torch.arange(4))
+    assert loss.requires_grad
+
+
+def test_per_sample_losses_refuses_what_it_cannot_turn() -> None:
+    module = OwnCrossEntropy()
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(RuntimeError, match=r"saw no F.cross_entropy.*B = 4"):
+        with module.per_sample_losses(torch.arange(4)):
+            F.cross_entropy(module.net(x), y, reduction="sum")
+    with pytest.raises(ValueError, match="class-weighted"):
+        with module.per_sample_losses(torch.arange(4)):
+            F.cross_entropy(module.net(x), y, weight=torch.ones(3))
+
+
+class _Recording(Tiny):
+    """Records (paused, weights) of every reduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reductions: list[tuple[bool, torch.Tensor | None]] = []
+
+    def sample_weights(self, batch):
+        weights = super().sample_weights(batch)
+        self.reductions.append((self._weights_paused, None if weights is None else weights.clone()))
+        return weights
+
+
+def test_sam_second_pass_reuses_the_weights_and_policies_move_once_per_step() -> None:
+    from lightning_noise.callbacks import SAM, AdaptiveK, SmallLossSelection
+
+    class Counting(SmallLossSelection):
+        calls = 0
+
+        def select(self, trainer, pl_module, batch):
+            Counting.calls += 1
+            return super().select(trainer, pl_module, batch)
+
+    adaptive = AdaptiveK(warmup_epochs=0)
+    module, _ = _fit_with(_Recording(), [SAM(rho=0.05), adaptive, Counting(0.5, num_gradual=1)])
+    steps = module.trainer.global_step
+    assert steps == 12  # 3 epochs x 4 batches
+    assert adaptive.steps == steps and Counting.calls == steps
+    first = [w for paused, w in module.reductions if not paused]
+    second = [w for paused, w in module.reductions if paused]
+    assert len(first) == len(second) == steps
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    assert any(not bool(w.all()) for w in first)  # the policies did remove samples
