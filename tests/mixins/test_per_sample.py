@@ -207,7 +207,8 @@ def test_per_sample_losses_from_f_cross_entropy_equal_the_explicit_reduction() -
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(dyn_a.store.history, dyn_b.store.history)
     plain, _ = _fit_with(OwnCrossEntropy(), [SAM(rho=0.05)])
-    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), captured.parameters()))
+    pairs = zip(plain.parameters(), captured.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
 
 
 def test_per_sample_losses_without_policies_is_the_plain_mean() -> None:
