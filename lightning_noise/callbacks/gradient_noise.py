@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+from lightning_noise._compat import optimizer_unscales_itself
 from lightning_noise._validate import check_int
 from lightning_noise.functional.gradient_noise import (
     add_gradient_noise,
@@ -100,11 +101,7 @@ class GradientNoise(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Such optimizers are not unscaled before on_before_optimizer_step (Lightning's
         # MixedPrecision plugin); noise added to scaled gradients would be divided by the scale.
-        fused = [
-            type(opt).__name__
-            for opt in trainer.optimizers
-            if getattr(opt, "_step_supports_amp_scaling", False)
-        ]
+        fused = [type(opt).__name__ for opt in trainer.optimizers if optimizer_unscales_itself(opt)]
         if scaler is not None and fused:
             raise RuntimeError(
                 f"GradientNoise under precision='16-mixed' needs gradients unscaled before the "
