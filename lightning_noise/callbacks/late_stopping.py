@@ -18,6 +18,7 @@ The trainer-free core is :mod:`lightning_noise.functional.late_stopping`: ``roun
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -232,8 +233,11 @@ class LateStopping(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a resume the checkpoint has restored the state: keep its snapshot and set.
         if self._initial_state is None:
+            # A module's extra state (e.g. ELRLoss's per-sample targets) is not a tensor.
             self._initial_state = {
                 key: value.detach().to("cpu", copy=True)
+                if isinstance(value, Tensor)
+                else copy.deepcopy(value)
                 for key, value in pl_module.state_dict().items()
             }
         # Before the fit loop requests its first training loader.
