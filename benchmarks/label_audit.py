@@ -55,7 +55,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_noise.callbacks.label_audit import SCORES, LabelAudit
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.metrics import noise_detection_scores
 from lightning_noise.models import ImageClassifier
@@ -158,13 +158,11 @@ def run_seed(args: argparse.Namespace, seed: int, cleanlab: Any) -> dict[str, di
     """All detection figures of one seed: ``{case: {metric: value}}``."""
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(
-        noise=args.noise,
-        noise_rate=args.noise_rate,
+        noise=LabelNoise(args.noise, args.noise_rate, seed=seed),
         image_size=args.image_size,
         channels=1,
         batch_size=args.batch_size,
         seed=seed,
-        noise_seed=seed,
     )
     model = make_model(args)
     audits = [

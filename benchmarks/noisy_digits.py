@@ -25,7 +25,7 @@ import torch
 from common import append_results, device_name
 
 from lightning_noise.callbacks import ASAM, FSAM, SAM, GradientNoise
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.models import ImageClassifier
 
 #: method name -> callbacks factory (given the parsed arguments). Later methods add theirs.
@@ -48,12 +48,10 @@ def run(method: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     """Train one method with one seed; return final test accuracy and memorisation."""
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(
-        noise="symmetric",
-        noise_rate=args.noise_rate,
+        noise=LabelNoise("symmetric", args.noise_rate, seed=seed),
         image_size=args.image_size,
         batch_size=args.batch_size,
         seed=seed,
-        noise_seed=seed,
     )
     model = ImageClassifier(
         args.backbone,

@@ -29,7 +29,7 @@ import torch
 from common import append_results, device_name
 
 from lightning_noise.callbacks import FSAM, SAM, GradientNoise
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.models import ImageClassifier
 
@@ -66,7 +66,7 @@ def fit_seconds(case: str, args: argparse.Namespace) -> tuple[float, int, float]
     """Fit once; return (fit seconds, optimizer steps, seconds inside TimedDynamics hooks)."""
     pl.seed_everything(0, verbose=False)
     dm = DigitsDataModule(
-        noise_rate=0.4, batch_size=args.batch_size, image_size=args.image_size, seed=0
+        noise=LabelNoise(rate=0.4), batch_size=args.batch_size, image_size=args.image_size, seed=0
     )
     model = ImageClassifier(args.backbone, num_classes=dm.num_classes, in_chans=dm.in_chans)
     callbacks = CASES[case][0]()

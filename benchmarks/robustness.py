@@ -48,7 +48,7 @@ from torch import nn
 
 from lightning_noise.types import find_callback
 from lightning_noise.callbacks import SAM, LabelAudit, LateStopping, SmallLossSelection
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.losses import (
     ELRLoss,
@@ -193,13 +193,11 @@ def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace)
     """Train one method on one noise setting with one seed."""
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(
-        noise=setting.noise,
-        noise_rate=setting.rate,
+        noise=LabelNoise(setting.noise, setting.rate, seed=seed),
         image_size=args.image_size,
         channels=args.channels,
         batch_size=args.batch_size,
         seed=seed,
-        noise_seed=seed,
     )
     model, callbacks, max_epochs = METHODS[method](args, setting)
     dm.setup("fit")

@@ -39,7 +39,7 @@ def test_recipe_builds_with_linked_classes_and_callbacks(tmp_path) -> None:
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == 10
     assert cli.model.hparams.in_chans == 1
     assert any(isinstance(cb, TrainingDynamics) for cb in cli.trainer.callbacks)
-    assert cli.datamodule.noise_rate == pytest.approx(0.4)
+    assert cli.datamodule.noise.rate == pytest.approx(0.4)
 
 
 def test_fit_then_test_from_checkpoint(tmp_path) -> None:
@@ -66,9 +66,9 @@ def test_every_recipe_parses() -> None:
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("--data.init_args.noise_rate=1.5", "1.5"),
+        ("--data.init_args.noise.rate=1.5", "1.5"),
         ("--model.init_args.backbone=resnet181", "resnet181"),
-        ("--data.init_args.noise=gaussian", "gaussian"),
+        ("--data.init_args.noise.kind=gaussian", "gaussian"),
     ],
 )
 def test_bad_config_values_fail_clearly(tmp_path, override, match, capsys) -> None:
@@ -113,7 +113,7 @@ def test_cifar10n_recipe_end_to_end(tmp_path) -> None:
         "--model.init_args.backbone_kwargs=null",  # the recipe's cifar_stem is for resnet18
     ]
     cli = build_cli(["fit", *args])
-    assert cli.datamodule.noise == "given"
+    assert cli.datamodule.noise.kind == "given"
     assert torch.equal(cli.datamodule.noise_mask, torch.as_tensor(worse != clean))
     assert cli.model.noise_mask.sum() == (worse != clean).sum()
     store = find_callback(cli.trainer, TrainingDynamics).store
@@ -136,7 +136,7 @@ def test_imagefolder_recipe_end_to_end(tmp_path) -> None:
             "--data.init_args.image_size=32",
             "--data.init_args.num_workers=0",
             "--data.init_args.batch_size=6",
-            "--data.init_args.noise_rate=0.3",
+            "--data.init_args.noise.rate=0.3",
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
             "--model.init_args.backbone=test_resnet",

@@ -148,6 +148,6 @@ def test_data_presets_compose_after_a_recipe() -> None:
         cli = build_cli(
             ["--config", str(find_recipe("digits_sam")), "--config", str(preset)], run=False
         )
-        assert cli.datamodule.noise == want["noise"], preset.name
-        assert cli.datamodule.noise_rate == pytest.approx(want["noise_rate"]), preset.name
+        assert cli.datamodule.noise.kind == want["noise"]["kind"], preset.name
+        assert cli.datamodule.noise.rate == pytest.approx(want["noise"]["rate"]), preset.name
         assert cli.datamodule.hparams.image_size == 16  # the recipe's other settings kept

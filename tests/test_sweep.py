@@ -134,7 +134,7 @@ def test_label_audit_reaches_wandb_as_a_table_and_an_image(tmp_path, monkeypatch
     import lightning.pytorch as pl
 
     from lightning_noise.callbacks import LabelAudit
-    from lightning_noise.data import DigitsDataModule
+    from lightning_noise.data import DigitsDataModule, LabelNoise
     from lightning_noise.dynamics import TrainingDynamics
     from lightning_noise.loggers import WandbLogger
     from lightning_noise.models import ImageClassifier
@@ -151,7 +151,7 @@ def test_label_audit_reaches_wandb_as_a_table_and_an_image(tmp_path, monkeypatch
         enable_progress_bar=False,
         default_root_dir=tmp_path,
     )
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=64)
+    dm = DigitsDataModule(noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=64)
     trainer.fit(ImageClassifier("test_resnet", num_classes=10, in_chans=1), datamodule=dm)
     media = logger.run_dir / "files" / "media"
     (image,) = (media / "images").rglob("*.png")

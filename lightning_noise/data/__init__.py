@@ -1,4 +1,5 @@
-"""Label noise and DataModules: embedded digits, CIFAR-10/100 (+ CIFAR-N), folders, text."""
+"""Label noise (:class:`LabelNoise`), :class:`Indexed` for your own dataset, and DataModules:
+embedded digits, CIFAR-10/100 (+ CIFAR-N), folders, text."""
 
 from lightning_noise.data.base import NoisyLabelDataModule, stratified_split
 from lightning_noise.data.cifar import (
@@ -9,9 +10,12 @@ from lightning_noise.data.cifar import (
 )
 from lightning_noise.data.digits import DIGITS_ASYMMETRIC_MAP, DigitsDataModule
 from lightning_noise.data.folder import ImageFolderDataModule
+from lightning_noise.data.indexed import Indexed
 from lightning_noise.data.noise import (
     CIFAR10_ASYMMETRIC_MAP,
     NOISE_TYPES,
+    LabelNoise,
+    NoiseKind,
     NoisyLabels,
     asymmetric_noise,
     instance_dependent_noise,
@@ -34,6 +38,9 @@ __all__ = [
     "CIFAR100DataModule",
     "DigitsDataModule",
     "ImageFolderDataModule",
+    "Indexed",
+    "LabelNoise",
+    "NoiseKind",
     "NoisyLabelDataModule",
     "NoisyLabels",
     "asymmetric_noise",

@@ -6,14 +6,13 @@ batches are ``(input, noisy_target, index)`` (DESIGN.md protocol 1), optionally 
 validation split too, and builds the data loaders.
 
 Everything is derived from seeds (``seed`` for the split and the per-epoch order,
-``noise_seed`` for the noisy labels), so a DataModule re-created from the same config has the
+``noise.seed`` for the noisy labels), so a DataModule re-created from the same config has the
 same splits, labels and batch order; nothing needs to be checkpointed.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +22,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from lightning_noise.data.noise import NOISE_TYPES, NoisyLabels
+from lightning_noise._validate import check_int, check_number
+from lightning_noise.data.noise import NOISE_TYPES, LabelNoise, NoisyLabels, _as_label_noise
 
 __all__ = ["NoisyLabelDataModule", "stratified_split"]
 
-# Offset added to ``noise_seed`` for the validation split's noise (``noisy_validation=True``),
+# Offset added to ``noise.seed`` for the validation split's noise (``noisy_validation=True``),
 # so that its flips are drawn independently of the training split's.
 _VAL_NOISE_SEED_OFFSET = 1_000_003
 
@@ -35,23 +35,11 @@ _VAL_NOISE_SEED_OFFSET = 1_000_003
 # --------------------------------------------------------------------------------------------
 # Small helpers shared by the subclasses
 # --------------------------------------------------------------------------------------------
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_fraction(name: str, value: Any, *, allow_zero: bool = True) -> float:
-    low = "[0, 1)" if allow_zero else "(0, 1)"
-    try:
-        f = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a number in {low}, got {value!r}") from err
-    if isinstance(value, bool) or not math.isfinite(f) or not (0.0 <= f < 1.0):
-        raise ValueError(f"{name} must be in {low}, got {value!r}")
-    if f == 0.0 and not allow_zero:
-        raise ValueError(f"{name} must be in {low}, got {value!r}")
-    return f
+def _check_fraction(name: str, value: Any, *, optional: bool = False) -> float | None:
+    """A split fraction in ``[0, 1)`` (or ``None`` when ``optional``), else ``ValueError``."""
+    if optional and value is None:
+        return None
+    return check_number(name, value, low=0, high=1, high_open=True)
 
 
 def _split_size(fraction: float, n: int) -> int:
@@ -272,22 +260,17 @@ class NoisyLabelDataModule(pl.LightningDataModule):
     (Late Stopping's shrinking training set); indices stay positions in the full split.
 
     Args:
+        noise: the :class:`~lightning_noise.data.noise.LabelNoise` of the training split (kind,
+            rate, seed and the kind's options). The default ``LabelNoise()`` means clean
+            labels; the recipes set e.g. ``noise: {kind: symmetric, rate: 0.4}``. With
+            ``kind="asymmetric"`` and no ``class_map``, the dataset's standard map is used
+            (e.g. the CIFAR-10 map of Patrini et al. 2017). ``kind="given"`` is only valid for
+            DataModules that read human noisy labels (CIFAR-N).
         batch_size: samples per batch (per process under DDP).
         num_workers: DataLoader worker processes (persistent when > 0).
-        noise: one of :data:`~lightning_noise.data.noise.NOISE_TYPES`. ``"given"`` is only
-            valid for DataModules that read human noisy labels (CIFAR-N).
-        noise_rate: corruption probability in ``[0, 1)``. ``0.0`` (the default) means clean
-            labels; the recipes set it (e.g. 0.4 symmetric). Must stay ``0.0`` for
-            ``"transition"`` (the matrix sets the rate) and ``"given"``.
-        noise_seed: seed of the label noise.
-        class_map: ``{source: target}`` class flips for ``noise="asymmetric"`` (default: the
-            dataset's standard map, e.g. the CIFAR-10 map of Patrini et al. 2017).
-        transition_matrix: ``C x C`` row-stochastic matrix for ``noise="transition"``.
-        include_true_class: for ``noise="symmetric"``, the Co-teaching/DivideMix convention
-            where a corrupted label is redrawn from all classes (realised rate
-            ``rate * (C - 1) / C``).
-        noisy_validation: corrupt the validation split with the same kind of noise (a clean
-            validation set is a luxury in practice). Needs a validation split of its own.
+        noisy_validation: corrupt the validation split with the same kind of noise, drawn with
+            another seed (a clean validation set is a luxury in practice). Needs a validation
+            split of its own.
         val_fraction: fraction of the training pool held out for validation (``0``: validate on
             the test split). ``None`` lets a subclass choose.
         seed: seed of the train/val/test split and of the per-epoch shuffling order.
@@ -296,23 +279,18 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         pin_memory: DataLoader ``pin_memory``.
     """
 
-    #: Whether this DataModule can supply human noisy labels for ``noise="given"``.
+    #: Whether this DataModule can supply human noisy labels for ``kind="given"``.
     _supports_given_noise = False
-    #: ``class_map`` used for ``noise="asymmetric"`` when none is given (``None``: the
+    #: ``class_map`` used for ``kind="asymmetric"`` when none is given (``None``: the
     #: CIFAR-10 map of :func:`~lightning_noise.data.noise.asymmetric_noise`).
     _default_class_map: Mapping[int, int] | None = None
 
     def __init__(
         self,
         *,
+        noise: LabelNoise = LabelNoise(),  # noqa: B008 - frozen, so one shared default is safe
         batch_size: int = 64,
         num_workers: int = 0,
-        noise: str = "symmetric",
-        noise_rate: float = 0.0,
-        noise_seed: int = 0,
-        class_map: dict[int, int] | None = None,
-        transition_matrix: list[list[float]] | None = None,
-        include_true_class: bool = False,
         noisy_validation: bool = False,
         val_fraction: float | None = None,
         seed: int = 0,
@@ -321,51 +299,28 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
+        noise = _as_label_noise(noise)
         # Collects the arguments of the whole __init__ chain (subclass included) into
-        # ``self.hparams``, which Lightning stores in checkpoints and loggers.
+        # ``self.hparams``, which Lightning stores in checkpoints and loggers; the noise is
+        # stored as a plain dict so that a checkpoint loads with weights_only=True and
+        # hparams.yaml stays plain YAML (load_from_checkpoint passes the dict back here).
         self.save_hyperparameters()
-        self.batch_size = _check_int("batch_size", batch_size, minimum=1)
-        self.num_workers = _check_int("num_workers", num_workers, minimum=0)
-        self.noise_seed = _check_int("noise_seed", noise_seed, minimum=0)
-        self.seed = _check_int("seed", seed, minimum=0)
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"unknown noise type {noise!r}; choose one of {NOISE_TYPES}")
-        self.noise = noise
-        self.noise_rate = _check_fraction("noise_rate", noise_rate)
-        if noise == "given" and not self._supports_given_noise:
+        self.save_hyperparameters({**self.hparams, "noise": dataclasses.asdict(noise)})
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
+        if noise.kind == "given" and not self._supports_given_noise:
             raise ValueError(
-                f"noise='given' needs human noisy labels, which {type(self).__name__} cannot "
+                f"kind='given' needs human noisy labels, which {type(self).__name__} cannot "
                 "supply; use CIFAR10DataModule/CIFAR100DataModule with noisy_labels_file=, or "
                 f"one of {tuple(t for t in NOISE_TYPES if t != 'given')}"
             )
-        if noise in ("transition", "given") and self.noise_rate != 0.0:
-            what = "the transition matrix" if noise == "transition" else "the given labels"
-            raise ValueError(
-                f"noise_rate={noise_rate!r} does not apply to noise={noise!r} ({what} set the "
-                "noise); leave noise_rate at 0.0"
-            )
-        if noise == "transition" and transition_matrix is None:
-            raise ValueError("noise='transition' needs transition_matrix= (C x C row-stochastic)")
-        if transition_matrix is not None and noise != "transition":
-            raise ValueError(
-                f"transition_matrix only applies to noise='transition', got noise={noise!r}"
-            )
-        if class_map is not None and noise != "asymmetric":
-            raise ValueError(f"class_map only applies to noise='asymmetric', got noise={noise!r}")
-        if class_map is not None and not isinstance(class_map, Mapping):
-            raise ValueError(f"class_map must be a mapping {{source: target}}, got {class_map!r}")
-        if include_true_class and noise != "symmetric":
-            raise ValueError(
-                f"include_true_class only applies to noise='symmetric', got noise={noise!r}"
-            )
-        if class_map is None and noise == "asymmetric" and self._default_class_map is not None:
-            class_map = self._default_class_map
-        self.class_map = dict(class_map) if class_map is not None else None
-        self.transition_matrix = transition_matrix
-        self.include_true_class = bool(include_true_class)
-        self.val_fraction = (
-            None if val_fraction is None else _check_fraction("val_fraction", val_fraction)
-        )
+        if noise.kind == "asymmetric" and noise.class_map is None and self._default_class_map:
+            noise = dataclasses.replace(noise, class_map=dict(self._default_class_map))
+        #: The label noise of the training split (with the dataset's default class map filled
+        #: in for ``kind="asymmetric"``).
+        self.noise = noise
+        self.val_fraction = _check_fraction("val_fraction", val_fraction, optional=True)
         self.noisy_validation = bool(noisy_validation)
         if self.noisy_validation and self.val_fraction == 0.0:
             raise ValueError(
@@ -439,28 +394,20 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         self._is_set_up = True
 
     def _with_noise(self, dataset: Dataset, targets: Tensor | None, split: str) -> NoisyLabels:
-        if self.noise == "given":
+        noise = self.noise
+        if noise.kind == "given":
             return NoisyLabels(
                 dataset,
-                "given",
-                seed=self.noise_seed,
+                noise,
                 num_classes=self.num_classes,
                 targets=targets,
                 noisy_targets=self._given_noisy_targets(split),
             )
-        seed = self.noise_seed if split == "train" else self.noise_seed + _VAL_NOISE_SEED_OFFSET
-        features = self._noise_features(split) if self.noise == "instance" else None
+        if split != "train":
+            noise = dataclasses.replace(noise, seed=noise.seed + _VAL_NOISE_SEED_OFFSET)
+        features = self._noise_features(split) if noise.kind == "instance" else None
         return NoisyLabels(
-            dataset,
-            self.noise,
-            self.noise_rate,
-            seed,
-            num_classes=self.num_classes,
-            targets=targets,
-            class_map=self.class_map,
-            transition_matrix=self.transition_matrix,
-            features=features,
-            include_true_class=self.include_true_class,
+            dataset, noise, num_classes=self.num_classes, targets=targets, features=features
         )
 
     def _ensure_setup(self) -> None:

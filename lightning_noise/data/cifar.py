@@ -10,6 +10,7 @@ are read from their ``CIFAR-10_human.pt`` / ``CIFAR-100_human.pt`` files.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -28,6 +29,7 @@ from lightning_noise.data.base import (
     random_horizontal_flip,
     stratified_split,
 )
+from lightning_noise.data.noise import LabelNoise, _as_label_noise
 
 __all__ = [
     "CIFAR100_ASYMMETRIC_MAP",
@@ -39,7 +41,7 @@ __all__ = [
 #: CIFAR-100 asymmetric noise as in the code of Patrini et al. (2017) and the robust-loss papers
 #: that reuse it (GCE, SCE, APL, ELR): classes are taken in blocks of 5 consecutive indices
 #: (0-4, 5-9, ...) and each flips to the next one in its block, circularly. The default
-#: ``class_map`` of :class:`CIFAR100DataModule` for ``noise="asymmetric"``.
+#: ``class_map`` of :class:`CIFAR100DataModule` for ``kind="asymmetric"``.
 CIFAR100_ASYMMETRIC_MAP = {c: (c // 5) * 5 + (c + 1) % 5 for c in range(100)}
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -201,59 +203,35 @@ class _CIFARDataModule(NoisyLabelDataModule):
         self,
         data_dir: str,
         *,
-        val_fraction: float = 0.0,
-        augment: bool = True,
+        noise: LabelNoise = LabelNoise(),  # noqa: B008 - frozen, so one shared default is safe
         noisy_labels_file: str | None = None,
         noisy_label_key: str | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        noise: str = "symmetric",
-        noise_rate: float = 0.0,
-        noise_seed: int = 0,
-        class_map: dict[int, int] | None = None,
-        transition_matrix: list[list[float]] | None = None,
-        include_true_class: bool = False,
-        noisy_validation: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-        pin_memory: bool = False,
+        val_fraction: float = 0.0,
+        augment: bool = True,
+        **kwargs: Any,
     ) -> None:
+        noise = _as_label_noise(noise)
         if noisy_labels_file is not None:
-            if noise not in ("symmetric", "given"):  # "symmetric" is the untouched default
+            if noise.kind not in ("symmetric", "given"):  # "symmetric" is the untouched default
                 raise ValueError(
-                    f"noisy_labels_file gives human noisy labels, but noise={noise!r} asks for "
-                    "synthetic noise; drop one of them"
+                    f"noisy_labels_file gives human noisy labels, but noise.kind={noise.kind!r} "
+                    "asks for synthetic noise; drop one of them"
                 )
-            if noise_rate != 0.0:
+            if noise.rate != 0.0:
                 raise ValueError(
-                    f"noisy_labels_file gives human noisy labels, but noise_rate={noise_rate!r} "
-                    "asks for synthetic noise on top; leave noise_rate at 0.0"
+                    f"noisy_labels_file gives human noisy labels, but noise.rate={noise.rate!r} "
+                    "asks for synthetic noise on top; leave noise.rate at 0.0"
                 )
-            noise = "given"
-        elif noise == "given":
+            noise = dataclasses.replace(noise, kind="given")
+        elif noise.kind == "given":
             raise ValueError(
-                f"noise='given' needs noisy_labels_file= (the CIFAR-N file from {_CIFAR_N_URL})"
+                f"kind='given' needs noisy_labels_file= (the CIFAR-N file from {_CIFAR_N_URL})"
             )
         elif noisy_label_key is not None:
             raise ValueError(
                 f"noisy_label_key={noisy_label_key!r} needs noisy_labels_file= as well"
             )
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            noise=noise,
-            noise_rate=noise_rate,
-            noise_seed=noise_seed,
-            class_map=class_map,
-            transition_matrix=transition_matrix,
-            include_true_class=include_true_class,
-            noisy_validation=noisy_validation,
-            val_fraction=val_fraction,
-            seed=seed,
-            augment=augment,
-            drop_last=drop_last,
-            pin_memory=pin_memory,
-        )
+        super().__init__(noise=noise, val_fraction=val_fraction, augment=augment, **kwargs)
         self.data_dir = str(data_dir)
         self.noisy_labels_file = noisy_labels_file
         self.noisy_label_key = (
@@ -388,7 +366,7 @@ class _CIFARDataModule(NoisyLabelDataModule):
             names = _load_batch(meta).get(self._names_key)
             if names is not None:
                 self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        given = self._read_given(targets) if self.noise == "given" else None
+        given = self._read_given(targets) if self.noise.kind == "given" else None
 
         n_val = _split_size(self.val_fraction or 0.0, targets.shape[0])
         train_idx, val_idx, _ = stratified_split(targets, n_val, 0, seed=self.seed)
@@ -404,11 +382,11 @@ class _CIFARDataModule(NoisyLabelDataModule):
             val = TensorImageDataset(images[val_idx], val_targets, eval_tf)
             if given is not None:
                 self._given["val"] = given[val_idx]
-            if self.noise == "instance":
+            if self.noise.kind == "instance":
                 self._features["val"] = val.images
         if given is not None:
             self._given["train"] = given if n_val == 0 else given[train_idx]
-        if self.noise == "instance":
+        if self.noise.kind == "instance":
             # The raw pixels, un-augmented. Note: instance noise converts them to float64,
             # about 1.2 GB transiently for the 50,000 CIFAR training images.
             self._features["train"] = train_images
@@ -447,7 +425,7 @@ class CIFAR10DataModule(_CIFARDataModule):
     ``CIFAR-10_human.pt`` of https://github.com/UCSC-REAL/cifar-10-100n) and
     ``noisy_label_key``, one of ``"aggre_label"`` (9.0% noise), ``"random_label1"``,
     ``"random_label2"``, ``"random_label3"`` (about 17-18%) or ``"worse_label"`` (40.2%);
-    ``noise`` then becomes ``"given"``.
+    the noise's kind then becomes ``"given"``.
 
     Args:
         data_dir: the extracted ``cifar-10-batches-py`` folder or its parent.
@@ -455,18 +433,12 @@ class CIFAR10DataModule(_CIFARDataModule):
         augment: random crop (padding 4) + horizontal flip on the training split.
         noisy_labels_file: CIFAR-10N ``.pt`` file with human noisy labels.
         noisy_label_key: which labels of that file to train on (required with a file).
-        batch_size: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        num_workers: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noise: synthetic noise type; must be left as is with ``noisy_labels_file``.
-        noise_rate: synthetic noise rate; must be 0 with ``noisy_labels_file``.
-        noise_seed: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        class_map: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        transition_matrix: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        include_true_class: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noisy_validation: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        seed: seed of the validation split and of the shuffling order.
-        drop_last: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        pin_memory: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        noise: the synthetic :class:`~lightning_noise.data.noise.LabelNoise`; leave it at the
+            default with ``noisy_labels_file`` (its kind then becomes ``"given"``).
+        **kwargs: the other shared arguments of
+            :class:`~lightning_noise.data.base.NoisyLabelDataModule`: ``batch_size``,
+            ``num_workers``, ``noisy_validation``, ``seed`` (of the validation split and of the
+            shuffling order), ``drop_last``, ``pin_memory``.
     """
 
     _name = "CIFAR-10"
@@ -503,19 +475,13 @@ class CIFAR100DataModule(_CIFARDataModule):
         augment: random crop (padding 4) + horizontal flip on the training split.
         noisy_labels_file: CIFAR-100N ``.pt`` file with human noisy labels.
         noisy_label_key: which labels of that file to train on (default ``"noisy_label"``).
-        batch_size: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        num_workers: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noise: synthetic noise type; must be left as is with ``noisy_labels_file``.
-        noise_rate: synthetic noise rate; must be 0 with ``noisy_labels_file``.
-        noise_seed: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        class_map: for ``noise="asymmetric"``; default :data:`CIFAR100_ASYMMETRIC_MAP`
-            (circular flips within blocks of 5 consecutive classes).
-        transition_matrix: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        include_true_class: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noisy_validation: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        seed: seed of the validation split and of the shuffling order.
-        drop_last: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        pin_memory: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        noise: the synthetic :class:`~lightning_noise.data.noise.LabelNoise`; leave it at the
+            default with ``noisy_labels_file``. For ``kind="asymmetric"`` the default
+            ``class_map`` is :data:`CIFAR100_ASYMMETRIC_MAP` (circular flips within blocks of 5
+            consecutive classes).
+        **kwargs: the other shared arguments of
+            :class:`~lightning_noise.data.base.NoisyLabelDataModule`: ``batch_size``,
+            ``num_workers``, ``noisy_validation``, ``seed``, ``drop_last``, ``pin_memory``.
     """
 
     _name = "CIFAR-100"

@@ -7,16 +7,18 @@ tensors, and served as float32 ``[C, H, W]``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_noise._validate import check_choice, check_int
 from lightning_noise.data.base import (
     DataSplits,
     NoisyLabelDataModule,
     TensorImageDataset,
     _check_fraction,
-    _check_int,
     _split_size,
     random_crop_with_padding,
     stratified_split,
@@ -63,8 +65,10 @@ class DigitsDataModule(NoisyLabelDataModule):
     applies to the training split only (and to the validation split with
     ``noisy_validation=True``).
 
-    The class default ``noise_rate=0.0`` gives clean labels; the default recipe uses 40%
-    symmetric noise (``noise="symmetric", noise_rate=0.4``).
+    The default ``noise=LabelNoise()`` gives clean labels; the default recipe uses 40%
+    symmetric noise (``noise=LabelNoise("symmetric", rate=0.4)``, in YAML
+    ``noise: {kind: symmetric, rate: 0.4}``). For ``kind="asymmetric"`` the default
+    ``class_map`` is :data:`DIGITS_ASYMMETRIC_MAP`.
 
     Args:
         image_size: side of the served images (the native size is 8).
@@ -73,21 +77,14 @@ class DigitsDataModule(NoisyLabelDataModule):
             the test split).
         test_fraction: fraction held out for testing.
         augment: random translation by up to one native pixel (train split only).
-        batch_size: see :class:`NoisyLabelDataModule`.
-        num_workers: see :class:`NoisyLabelDataModule`.
-        noise: see :class:`NoisyLabelDataModule`.
-        noise_rate: see :class:`NoisyLabelDataModule`.
-        noise_seed: see :class:`NoisyLabelDataModule`.
-        class_map: for ``noise="asymmetric"``; default :data:`DIGITS_ASYMMETRIC_MAP`.
-        transition_matrix: see :class:`NoisyLabelDataModule`.
-        include_true_class: see :class:`NoisyLabelDataModule`.
-        noisy_validation: see :class:`NoisyLabelDataModule`.
-        seed: seed of the split and of the shuffling order.
-        drop_last: see :class:`NoisyLabelDataModule`.
-        pin_memory: see :class:`NoisyLabelDataModule`.
+        **kwargs: the shared arguments of :class:`NoisyLabelDataModule`: ``noise`` (a
+            :class:`~lightning_noise.data.noise.LabelNoise`), ``batch_size``, ``num_workers``,
+            ``noisy_validation``, ``seed`` (of the split and of the shuffling order),
+            ``drop_last``, ``pin_memory``.
 
     Example:
-        >>> dm = DigitsDataModule(noise_rate=0.4, image_size=16, channels=1)
+        >>> from lightning_noise.data import LabelNoise
+        >>> dm = DigitsDataModule(noise=LabelNoise("symmetric", 0.4), image_size=16, channels=1)
         >>> dm.setup("fit")
         >>> x, y, i = dm.train_dataset[0]
         >>> tuple(x.shape), dm.num_classes, len(dm.train_dataset) + len(dm.val_dataset)
@@ -106,39 +103,11 @@ class DigitsDataModule(NoisyLabelDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.2,
         augment: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        noise: str = "symmetric",
-        noise_rate: float = 0.0,
-        noise_seed: int = 0,
-        class_map: dict[int, int] | None = None,
-        transition_matrix: list[list[float]] | None = None,
-        include_true_class: bool = False,
-        noisy_validation: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            noise=noise,
-            noise_rate=noise_rate,
-            noise_seed=noise_seed,
-            class_map=class_map,
-            transition_matrix=transition_matrix,
-            include_true_class=include_true_class,
-            noisy_validation=noisy_validation,
-            val_fraction=val_fraction,
-            seed=seed,
-            augment=augment,
-            drop_last=drop_last,
-            pin_memory=pin_memory,
-        )
-        self._image_size = _check_int("image_size", image_size, minimum=_NATIVE_SIZE)
-        if channels not in (1, 3) or isinstance(channels, bool):
-            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        self.channels = int(channels)
+        super().__init__(val_fraction=val_fraction, augment=augment, **kwargs)
+        self._image_size = check_int("image_size", image_size, minimum=_NATIVE_SIZE)
+        self.channels = check_choice("channels", check_int("channels", channels), (1, 3))
         self.test_fraction = _check_fraction("test_fraction", test_fraction)
         self._n_val = _split_size(self.val_fraction or 0.0, _NUM_SAMPLES)
         self._n_test = _split_size(self.test_fraction, _NUM_SAMPLES)

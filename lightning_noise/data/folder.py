@@ -12,12 +12,12 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
+from lightning_noise._validate import check_int
 from lightning_noise.data.base import (
     DataSplits,
     NoisyLabelDataModule,
     TransformedSubset,
     _check_fraction,
-    _check_int,
     _split_size,
     stratified_split,
 )
@@ -79,18 +79,11 @@ class ImageFolderDataModule(NoisyLabelDataModule):
         test_fraction: fraction held out for testing (``None``: 0 when there is no ``test/``
             folder; giving a value while ``test/`` exists is an error).
         augment: random resized crop + horizontal flip on the training split.
-        batch_size: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        num_workers: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noise: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noise_rate: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noise_seed: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        class_map: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        transition_matrix: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        include_true_class: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        noisy_validation: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        seed: seed of the carved splits and of the shuffling order.
-        drop_last: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
-        pin_memory: see :class:`~lightning_noise.data.base.NoisyLabelDataModule`.
+        **kwargs: the shared arguments of
+            :class:`~lightning_noise.data.base.NoisyLabelDataModule`: ``noise`` (a
+            :class:`~lightning_noise.data.noise.LabelNoise`), ``batch_size``, ``num_workers``,
+            ``noisy_validation``, ``seed`` (of the carved splits and of the shuffling order),
+            ``drop_last``, ``pin_memory``.
     """
 
     def __init__(
@@ -101,40 +94,12 @@ class ImageFolderDataModule(NoisyLabelDataModule):
         val_fraction: float | None = None,
         test_fraction: float | None = None,
         augment: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        noise: str = "symmetric",
-        noise_rate: float = 0.0,
-        noise_seed: int = 0,
-        class_map: dict[int, int] | None = None,
-        transition_matrix: list[list[float]] | None = None,
-        include_true_class: bool = False,
-        noisy_validation: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            noise=noise,
-            noise_rate=noise_rate,
-            noise_seed=noise_seed,
-            class_map=class_map,
-            transition_matrix=transition_matrix,
-            include_true_class=include_true_class,
-            noisy_validation=noisy_validation,
-            val_fraction=val_fraction,
-            seed=seed,
-            augment=augment,
-            drop_last=drop_last,
-            pin_memory=pin_memory,
-        )
+        super().__init__(val_fraction=val_fraction, augment=augment, **kwargs)
         self.data_dir = str(data_dir)
-        self._image_size = _check_int("image_size", image_size, minimum=1)
-        self.test_fraction = (
-            None if test_fraction is None else _check_fraction("test_fraction", test_fraction)
-        )
+        self._image_size = check_int("image_size", image_size, minimum=1)
+        self.test_fraction = _check_fraction("test_fraction", test_fraction, optional=True)
         self._features: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ layout
@@ -277,7 +242,7 @@ class ImageFolderDataModule(NoisyLabelDataModule):
         train = TransformedSubset(pool, train_idx, pool_targets[train_idx], train_tf)
         val = own("val") or carved(val_idx, eval_tf)
         test = own("test") or carved(test_idx, eval_tf)
-        if self.noise == "instance":
+        if self.noise.kind == "instance":
             self._features["train"] = self._thumbnails(pool, train_idx)
             if val is not None:
                 self._features["val"] = self._thumbnails(val[0].dataset, val[0].indices)

@@ -1,18 +1,22 @@
 """Synthetic label noise (symmetric, pair, asymmetric, instance-dependent, transition matrix).
 
-The corruption functions are plain functions on label vectors: each takes a 1-D integer label
-vector (tensor, numpy array or list) and returns a *new* int64 tensor, and each is
-deterministic given ``seed``. Randomness comes from a local ``torch.Generator`` only, so the
-global RNG state is neither read nor changed. :class:`NoisyLabels` is the thin dataset adapter
-that applies one of them (or human labels such as CIFAR-N) to a map-style dataset and yields
-``(input, noisy_target, index)``.
+:class:`LabelNoise` is the one description of the noise (kind, rate, seed and the options of
+each kind), validated once when it is built; :func:`make_noisy_labels`, :class:`NoisyLabels`
+and every DataModule take it. The corruption functions are plain functions on label vectors:
+each takes a 1-D integer label vector (tensor, numpy array or list) and returns a *new* int64
+tensor, and each is deterministic given ``seed``. Randomness comes from a local
+``torch.Generator`` only, so the global RNG state is neither read nor changed.
+:class:`NoisyLabels` is the thin dataset adapter that applies one of them (or human labels such
+as CIFAR-N) to a map-style dataset and yields ``(input, noisy_target, index)``.
 
 Conventions follow the papers and the reference code that the benchmark tables come from:
 
 * symmetric noise (Van Rooyen et al. 2015; Patrini et al. 2017): by default a flipped label goes
-  to a uniformly chosen *other* class, so the realised rate equals ``rate``. The Co-teaching /
-  DivideMix code instead redraws the label uniformly over *all* classes, so the realised rate is
-  ``rate * (C - 1) / C``; pass ``include_true_class=True`` for that convention.
+  to a uniformly chosen *other* class, so the realised rate equals ``rate``. This is also what
+  the Co-teaching code (``noisify_multiclass_symmetric``) and the Late Stopping code do. The
+  ELR and DivideMix code instead redraw the label uniformly over *all* classes
+  (``randint(num_classes)``), so the realised rate is ``rate * (C - 1) / C``; pass
+  ``include_true_class=True`` for that convention.
 * pair noise (Han et al. 2018, Co-teaching): class ``c`` flips to ``(c + 1) mod C``.
 * asymmetric noise (Patrini et al. 2017, "Making deep neural networks robust to label noise: a
   loss correction approach"): the CIFAR-10 map truck->automobile, bird->airplane, deer->horse,
@@ -27,16 +31,21 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from lightning_noise._validate import check_choice, check_int, check_number, is_int
+
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
     "NOISE_TYPES",
+    "LabelNoise",
+    "NoiseKind",
     "NoisyLabels",
     "asymmetric_noise",
     "instance_dependent_noise",
@@ -48,9 +57,10 @@ __all__ = [
     "transition_matrix_noise",
 ]
 
-#: Noise types understood by :class:`NoisyLabels`. ``"given"`` means the noisy labels are
-#: supplied by the caller (e.g. the human CIFAR-N labels) instead of generated.
-NOISE_TYPES = ("symmetric", "pair", "asymmetric", "instance", "transition", "given")
+#: The kinds of :class:`LabelNoise`. ``"given"`` means the noisy labels are supplied by the
+#: caller (e.g. the human CIFAR-N labels) instead of generated.
+NoiseKind = Literal["symmetric", "pair", "asymmetric", "instance", "transition", "given"]
+NOISE_TYPES: tuple[str, ...] = get_args(NoiseKind)
 
 #: CIFAR-10 class-dependent flips of Patrini et al. (2017): truck->automobile, bird->airplane,
 #: deer->horse, cat<->dog. Classes 0 (airplane), 1 (automobile), 6 (frog), 7 (horse) and
@@ -102,14 +112,12 @@ def _check_num_classes(num_classes: Any, labels: Tensor, *, name: str = "labels"
                 f"cannot infer num_classes from empty {name}; pass num_classes explicitly"
             )
         num_classes = int(labels.max()) + 1
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    num_classes = int(num_classes)
-    if num_classes < 2:
-        raise ValueError(
-            f"num_classes must be >= 2 to corrupt labels, got {num_classes}; "
-            "a single-class problem has no other class to flip to"
-        )
+    num_classes = check_int(
+        "num_classes",
+        num_classes,
+        minimum=2,
+        hint="to corrupt labels (a single-class problem has no other class to flip to)",
+    )
     _check_label_range(labels, num_classes, name=name)
     return num_classes
 
@@ -128,22 +136,19 @@ def _check_label_range(labels: Tensor, num_classes: int, *, name: str = "labels"
 
 
 def _check_rate(rate: Any) -> float:
-    try:
-        value = float(rate)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"rate must be a number in [0, 1), got {rate!r}") from err
-    if not (0.0 <= value < 1.0):  # also rejects NaN
-        raise ValueError(
-            f"rate must be in [0, 1), got {rate!r}; it is the probability that a label is "
-            "corrupted, so use e.g. 0.2 for 20% noise"
-        )
-    return value
+    return check_number(
+        "rate",
+        rate,
+        low=0,
+        high=1,
+        high_open=True,
+        hint="(the probability that a label is corrupted: e.g. 0.2 for 20% noise)",
+    )
 
 
 def _generator(seed: Any) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+    seed = check_int("seed", seed, minimum=0)
+    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def _sample_rows(probs: Tensor, gen: torch.Generator) -> Tensor:
@@ -175,8 +180,10 @@ def symmetric_noise(
       (transition matrix ``1 - rate`` on the diagonal, ``rate / (C - 1)`` elsewhere).
     * ``include_true_class=True``: with probability ``rate`` the label is redrawn uniformly from
       *all* ``C`` classes, so it may "flip" to itself and the realised rate is
-      ``rate * (C - 1) / C`` (e.g. 36% for ``rate=0.4`` on CIFAR-10). This is what the
-      Co-teaching and DivideMix code call symmetric noise; use it to reproduce their tables.
+      ``rate * (C - 1) / C`` (e.g. 36% for ``rate=0.4`` on CIFAR-10). This is what the ELR
+      and DivideMix code call symmetric noise (``randint(num_classes)``); use it to reproduce
+      their tables. The Co-teaching and Late Stopping code exclude the true class, as the
+      default does.
 
     Args:
         labels: 1-D integer class indices (tensor, numpy array or list).
@@ -242,7 +249,12 @@ def pair_noise(
     return torch.where(flip, (y + 1) % c, y)
 
 
-def _check_class_map(class_map: Any, num_classes: int, *, is_default: bool) -> dict[int, int]:
+def _class_map_entries(class_map: Any) -> dict[int, int]:
+    """``class_map`` as a new ``{source: target}`` dict of non-negative ints, else ``ValueError``.
+
+    Keys may also be strings of digits: a map that went through JSON (saved hyperparameters,
+    a config dump) has string keys.
+    """
     if not isinstance(class_map, Mapping):
         raise ValueError(
             f"class_map must be a mapping {{source_class: target_class}}, got "
@@ -250,14 +262,21 @@ def _check_class_map(class_map: Any, num_classes: int, *, is_default: bool) -> d
         )
     out: dict[int, int] = {}
     for key, value in class_map.items():
-        try:
-            src, dst = operator.index(key), operator.index(value)
-        except TypeError as err:
+        src = int(key) if isinstance(key, str) and key.isdecimal() else key
+        if not (is_int(src) and is_int(value)) or src < 0 or value < 0:
             raise ValueError(
-                f"class_map entries must be integer class indices, got {key!r}: {value!r}"
-            ) from err
+                f"class_map entries must be non-negative integer class indices, got "
+                f"{key!r}: {value!r}"
+            )
+        out[int(src)] = int(value)
+    return out
+
+
+def _check_class_map(class_map: Any, num_classes: int, *, is_default: bool) -> dict[int, int]:
+    out = _class_map_entries(class_map)
+    for src, dst in out.items():
         for what, cls in (("key", src), ("value", dst)):
-            if not 0 <= cls < num_classes:
+            if cls >= num_classes:
                 hint = (
                     "the default class_map is CIFAR10_ASYMMETRIC_MAP, which needs "
                     "num_classes >= 10; pass class_map= for your own classes"
@@ -268,7 +287,6 @@ def _check_class_map(class_map: Any, num_classes: int, *, is_default: bool) -> d
                     f"class_map {what} {cls} (in {src}: {dst}) is outside "
                     f"[0, num_classes) = [0, {num_classes}); {hint}"
                 )
-        out[src] = dst
     return out
 
 
@@ -441,12 +459,7 @@ def instance_dependent_noise(
     y = _as_label_vector(labels)
     c = _check_num_classes(num_classes, y)
     rate = _check_rate(rate)
-    try:
-        tau = float(tau)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"tau must be a non-negative number, got {tau!r}") from err
-    if not (math.isfinite(tau) and tau >= 0.0):
-        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+    tau = check_number("tau", tau, low=0)
     if features is None:
         raise ValueError(
             "instance-dependent noise needs features (one row per label); pass features= "
@@ -541,116 +554,227 @@ def realised_noise_rate(clean: Any, noisy: Any) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Dispatcher
+# The noise options, and the dispatcher
 # --------------------------------------------------------------------------------------------
-# Options that only one noise type reads; passing one with another type is almost always a
+# Options that only one kind reads; setting one with another kind is almost always a
 # configuration mistake, so it raises instead of being silently ignored.
 _OPTION_OWNER = {
     "class_map": "asymmetric",
     "transition_matrix": "transition",
-    "features": "instance",
     "include_true_class": "symmetric",
+    "tau": "instance",
 }
 
+#: The default spread ``tau`` of instance-dependent noise (``norm_std`` of Xia et al.'s code).
+_DEFAULT_TAU = 0.1
 
-def _check_noise_type(noise: Any) -> str:
-    if noise not in NOISE_TYPES:
-        raise ValueError(f"unknown noise type {noise!r}; choose one of {NOISE_TYPES}")
-    return noise
+
+@dataclass(frozen=True)
+class LabelNoise:
+    """Which label noise to apply: its kind, rate and seed, and the options of that kind.
+
+    One value holds every noise option, validated once here, so :func:`make_noisy_labels`,
+    :class:`NoisyLabels` and every DataModule read the same thing. The default,
+    ``LabelNoise()``, is clean labels (symmetric noise at rate 0). In a LightningCLI config it
+    is a nested mapping, ``noise: {kind: pair, rate: 0.45}``, or ``--data.noise.rate=0.4`` on
+    the command line.
+
+    Args:
+        kind: one of :data:`NOISE_TYPES`: ``"symmetric"``, ``"pair"``, ``"asymmetric"``,
+            ``"instance"``, ``"transition"``, or ``"given"`` (the noisy labels are supplied by
+            the data, e.g. the human CIFAR-N labels).
+        rate: corruption probability in ``[0, 1)``; must stay ``0.0`` for ``"transition"``
+            (the matrix sets the noise) and ``"given"``.
+        seed: seed of the noise generator; the same seed gives the same labels.
+        class_map: ``{source: target}`` flips for ``"asymmetric"`` only; ``None`` is the
+            dataset's standard map (:data:`CIFAR10_ASYMMETRIC_MAP` outside a DataModule). See
+            :func:`asymmetric_noise`.
+        transition_matrix: the ``C x C`` row-stochastic matrix ``P(noisy = j | clean = i)``,
+            required for (and only for) ``"transition"``; see :func:`transition_matrix_noise`.
+        include_true_class: for ``"symmetric"`` only: a corrupted label is redrawn from all
+            ``C`` classes, the true one included (the ELR/DivideMix convention; realised rate
+            ``rate * (C - 1) / C``). See :func:`symmetric_noise`.
+        tau: for ``"instance"`` only: the spread of the per-sample flip rate (``None``: 0.1,
+            as in Xia et al.'s code). See :func:`instance_dependent_noise`.
+
+    Raises:
+        ValueError: naming the bad value, the allowed values and the fix, e.g. an unknown
+            kind, a rate outside ``[0, 1)`` or an option that the kind does not read.
+
+    Example:
+        >>> noise = LabelNoise("pair", 0.45, seed=1)
+        >>> noise.kind, noise.rate, noise.seed
+        ('pair', 0.45, 1)
+        >>> try:
+        ...     LabelNoise("pair", 0.45, class_map={3: 5})
+        ... except ValueError as err:
+        ...     print(err)
+        class_map only applies to kind='asymmetric', got kind='pair';
+        remove class_map or set kind='asymmetric'
+    """
+
+    kind: NoiseKind = "symmetric"
+    rate: float = 0.0
+    seed: int = 0
+    class_map: dict[int, int] | None = None
+    transition_matrix: list[list[float]] | None = None
+    include_true_class: bool = False
+    tau: float | None = None
+
+    def __post_init__(self) -> None:
+        kind = check_choice("kind", self.kind, NOISE_TYPES, hint="(the kind of label noise)")
+        rate = _check_rate(self.rate)
+        if kind in ("transition", "given") and rate != 0.0:
+            what = "the transition matrix sets" if kind == "transition" else "the given labels are"
+            raise ValueError(
+                f"rate={self.rate!r} does not apply to kind={kind!r} ({what} the noise); "
+                "leave rate at 0.0"
+            )
+        seed = check_int("seed", self.seed, minimum=0, hint="(the seed of the label noise)")
+        if not isinstance(self.include_true_class, bool):
+            raise ValueError(
+                f"include_true_class must be True or False, got {self.include_true_class!r}"
+            )
+        options = {
+            "class_map": self.class_map,
+            "transition_matrix": self.transition_matrix,
+            "include_true_class": self.include_true_class or None,
+            "tau": self.tau,
+        }
+        for option, value in options.items():
+            owner = _OPTION_OWNER[option]
+            if value is not None and owner != kind:
+                raise ValueError(
+                    f"{option} only applies to kind={owner!r}, got kind={kind!r}; "
+                    f"remove {option} or set kind={owner!r}"
+                )
+        if kind == "transition" and self.transition_matrix is None:
+            raise ValueError(
+                "kind='transition' needs transition_matrix= (a C x C row-stochastic matrix, "
+                "row = clean class, column = noisy class)"
+            )
+        # Frozen: normalise through object.__setattr__. Plain containers (no tensors), so the
+        # value dumps to YAML and loads from a checkpoint with weights_only=True.
+        set_field = object.__setattr__
+        set_field(self, "kind", kind)
+        set_field(self, "rate", rate)
+        set_field(self, "seed", seed)
+        if self.class_map is not None:
+            set_field(self, "class_map", _class_map_entries(self.class_map))
+        if self.transition_matrix is not None:
+            matrix = _check_transition_matrix(self.transition_matrix)
+            set_field(self, "transition_matrix", matrix.tolist())
+        if self.tau is not None:
+            set_field(self, "tau", check_number("tau", self.tau, low=0))
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the dict and list fields.
+        class_map = None if self.class_map is None else tuple(sorted(self.class_map.items()))
+        matrix = self.transition_matrix
+        matrix = None if matrix is None else tuple(map(tuple, matrix))
+        return hash(
+            (self.kind, self.rate, self.seed, class_map, matrix, self.include_true_class, self.tau)
+        )
+
+
+def _as_label_noise(noise: Any, *, name: str = "noise") -> LabelNoise:
+    """``noise`` as a :class:`LabelNoise`: itself, or built from a mapping of its fields.
+
+    A mapping is what a checkpoint's saved hyperparameters hold. Anything else (e.g. the
+    string ``"symmetric"`` of the old keyword arguments) raises a ``TypeError`` showing the
+    call to write.
+
+    Example:
+        >>> _as_label_noise({"kind": "pair", "rate": 0.2}) == LabelNoise("pair", 0.2)
+        True
+    """
+    if isinstance(noise, LabelNoise):
+        return noise
+    if isinstance(noise, Mapping):
+        fields = LabelNoise.__dataclass_fields__
+        unknown = sorted(str(k) for k in noise if k not in fields)
+        if unknown:
+            raise TypeError(
+                f"{name} has unknown option(s) {unknown}; LabelNoise has {list(fields)}"
+            )
+        return LabelNoise(**noise)
+    raise TypeError(
+        f"{name} must be a LabelNoise, got {noise!r}; pass e.g. "
+        f"{name}=LabelNoise(kind='symmetric', rate=0.4, seed=0) (from lightning_noise.data), "
+        f"or in YAML a mapping: {name}: {{kind: symmetric, rate: 0.4}}"
+    )
 
 
 def make_noisy_labels(
     labels: LabelsLike,
-    noise: str,
-    rate: float,
+    noise: LabelNoise,
     *,
-    seed: int = 0,
     num_classes: int | None = None,
-    class_map: Mapping[int, int] | None = None,
-    transition_matrix: Any = None,
     features: Any = None,
-    include_true_class: bool = False,
-    tau: float = 0.1,
 ) -> Tensor:
-    """Corrupt ``labels`` with the named noise type (one entry point for configs).
+    """Corrupt ``labels`` with the noise that ``noise`` describes (one entry point for configs).
 
     Args:
         labels: 1-D integer class indices.
-        noise: one of ``"symmetric"``, ``"pair"``, ``"asymmetric"``, ``"instance"``,
-            ``"transition"``. ``"given"`` is not valid here: it means the noisy labels already
-            exist (e.g. CIFAR-N), so pass them to :class:`NoisyLabels` as ``noisy_targets``.
-        rate: corruption probability in ``[0, 1)``; ignored for ``"transition"``, whose rate is
-            set by the matrix.
-        seed: seed of the local generator.
+        noise: the kind, rate, seed and options. ``kind="given"`` is not valid here: it means
+            the noisy labels already exist (e.g. CIFAR-N), so pass them to :class:`NoisyLabels`
+            as ``noisy_targets``.
         num_classes: number of classes; defaults to ``max(labels) + 1`` (the matrix size for
             ``"transition"``).
-        class_map: for ``"asymmetric"`` only, see :func:`asymmetric_noise`.
-        transition_matrix: for ``"transition"`` only (required), see
-            :func:`transition_matrix_noise`.
-        features: for ``"instance"`` only (required), see :func:`instance_dependent_noise`.
-        include_true_class: for ``"symmetric"`` only, see :func:`symmetric_noise`.
-        tau: for ``"instance"``: spread of the per-sample flip rate.
+        features: for ``"instance"`` only (required): one row of inputs or embeddings per label,
+            see :func:`instance_dependent_noise`.
 
     Returns:
         A new int64 tensor of noisy labels.
 
     Example:
         >>> clean = torch.arange(10).repeat(100)
-        >>> noisy = make_noisy_labels(clean, "pair", 0.2, seed=3)
+        >>> noisy = make_noisy_labels(clean, LabelNoise("pair", 0.2, seed=3))
         >>> bool((noisy == pair_noise(clean, 0.2, seed=3)).all())
         True
     """
-    noise = _check_noise_type(noise)
-    if noise == "given":
+    noise = _as_label_noise(noise)
+    kind = noise.kind
+    if kind == "given":
         raise ValueError(
-            "noise='given' cannot be generated: it means the noisy labels are supplied, e.g. "
-            "the human CIFAR-N labels; use NoisyLabels(dataset, noise='given', "
+            "kind='given' cannot be generated: it means the noisy labels are supplied, e.g. "
+            "the human CIFAR-N labels; use NoisyLabels(dataset, LabelNoise('given'), "
             "noisy_targets=...) or pick one of "
             f"{tuple(t for t in NOISE_TYPES if t != 'given')}"
         )
-    given = {
-        "class_map": class_map,
-        "transition_matrix": transition_matrix,
-        "features": features,
-        "include_true_class": include_true_class or None,
-    }
-    for option, value in given.items():
-        owner = _OPTION_OWNER[option]
-        if value is not None and owner != noise:
-            raise ValueError(
-                f"{option} only applies to noise={owner!r}, got noise={noise!r}; "
-                f"remove {option} or set noise={owner!r}"
-            )
-    if noise == "symmetric":
+    if features is not None and kind != "instance":
+        raise ValueError(
+            f"features only applies to kind='instance', got kind={kind!r}; remove features"
+        )
+    if kind == "symmetric":
         return symmetric_noise(
             labels,
-            rate,
+            noise.rate,
             num_classes=num_classes,
-            seed=seed,
-            include_true_class=include_true_class,
+            seed=noise.seed,
+            include_true_class=noise.include_true_class,
         )
-    if noise == "pair":
-        return pair_noise(labels, rate, num_classes=num_classes, seed=seed)
-    if noise == "asymmetric":
+    if kind == "pair":
+        return pair_noise(labels, noise.rate, num_classes=num_classes, seed=noise.seed)
+    if kind == "asymmetric":
         return asymmetric_noise(
-            labels, rate, class_map=class_map, num_classes=num_classes, seed=seed
+            labels, noise.rate, class_map=noise.class_map, num_classes=num_classes, seed=noise.seed
         )
-    if noise == "instance":
+    if kind == "instance":
         if features is None:
-            raise ValueError("noise='instance' needs features (one row per label); pass features=")
+            raise ValueError("kind='instance' needs features (one row per label); pass features=")
+        tau = _DEFAULT_TAU if noise.tau is None else noise.tau
         return instance_dependent_noise(
-            labels, features, rate, num_classes=num_classes, seed=seed, tau=tau
+            labels, features, noise.rate, num_classes=num_classes, seed=noise.seed, tau=tau
         )
-    # noise == "transition"
-    if transition_matrix is None:
-        raise ValueError("noise='transition' needs transition_matrix= (a C x C row-stochastic)")
-    matrix = _check_transition_matrix(transition_matrix)
+    # kind == "transition" (LabelNoise guarantees the matrix)
+    matrix = _check_transition_matrix(noise.transition_matrix)
     if num_classes is not None and num_classes != matrix.shape[0]:
         raise ValueError(
             f"num_classes={num_classes} does not match the {matrix.shape[0]} x "
             f"{matrix.shape[0]} transition matrix; drop num_classes or fix the matrix"
         )
-    return transition_matrix_noise(labels, matrix, seed=seed)
+    return transition_matrix_noise(labels, matrix, seed=noise.seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,8 +831,9 @@ class NoisyLabels(Dataset):
     Wraps any map-style dataset whose items are ``(input, target, ...)`` (trailing items are
     dropped) and yields ``(input, noisy_target, index)``, where ``index`` is the position in
     this dataset, stable across epochs (sample-selection and per-sample-loss methods key on
-    it). The noisy labels are computed once in ``__init__`` from ``seed``, so every worker,
-    rank and restart sees the same labels.
+    it). The noisy labels are computed once in ``__init__`` from ``noise.seed``, so every
+    worker, rank and restart sees the same labels. (To add only the index, with the labels as
+    they are, use :class:`~lightning_noise.data.Indexed`.)
 
     Clean targets are read, in order of preference, from ``targets=``, from
     ``dataset.targets`` (through any ``torch.utils.data.Subset``), or by iterating the dataset
@@ -716,23 +841,17 @@ class NoisyLabels(Dataset):
 
     Args:
         dataset: map-style dataset of ``(input, target, ...)`` items.
-        noise: one of :data:`NOISE_TYPES`. ``"given"`` uses ``noisy_targets`` as the noisy
-            labels (e.g. the human CIFAR-N labels) and ignores ``rate``.
-        rate: corruption probability in ``[0, 1)``; see :func:`make_noisy_labels`.
-        seed: seed of the noise generator.
+        noise: the :class:`LabelNoise` to apply. ``kind="given"`` uses ``noisy_targets`` as the
+            noisy labels (e.g. the human CIFAR-N labels).
         num_classes: number of classes; defaults to ``max + 1`` of the targets.
         targets: clean targets, if the dataset cannot provide them cheaply.
-        noisy_targets: the noisy labels, for ``noise="given"`` only.
-        class_map: for ``"asymmetric"``, see :func:`asymmetric_noise`.
-        transition_matrix: for ``"transition"``, see :func:`transition_matrix_noise`.
-        features: for ``"instance"``; defaults to the flattened inputs of the dataset.
-        include_true_class: for ``"symmetric"``, see :func:`symmetric_noise`.
-        tau: for ``"instance"``, see :func:`instance_dependent_noise`.
+        noisy_targets: the noisy labels, for ``kind="given"`` only.
+        features: for ``kind="instance"``; defaults to the flattened inputs of the dataset.
 
     Example:
         >>> from torch.utils.data import TensorDataset
         >>> base = TensorDataset(torch.randn(1000, 3), torch.arange(10).repeat(100))
-        >>> ds = NoisyLabels(base, "symmetric", rate=0.2, seed=0)
+        >>> ds = NoisyLabels(base, LabelNoise("symmetric", rate=0.2, seed=0))
         >>> x, y, i = ds[7]
         >>> i, y == int(ds.noisy_targets[7]), round(ds.noise_rate, 1)
         (7, True, 0.2)
@@ -741,42 +860,39 @@ class NoisyLabels(Dataset):
     def __init__(
         self,
         dataset: Dataset,
-        noise: str = "symmetric",
-        rate: float = 0.4,
-        seed: int = 0,
+        noise: LabelNoise,
         *,
         num_classes: int | None = None,
         targets: LabelsLike | None = None,
         noisy_targets: LabelsLike | None = None,
-        class_map: Mapping[int, int] | None = None,
-        transition_matrix: Any = None,
         features: Any = None,
-        include_true_class: bool = False,
-        tau: float = 0.1,
     ) -> None:
         super().__init__()
-        noise = _check_noise_type(noise)
+        noise = _as_label_noise(noise)
+        kind = noise.kind
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise ValueError(
                 f"dataset must be a map-style dataset with __len__ and __getitem__, got "
                 f"{type(dataset).__name__}"
             )
-        if noise == "given" and noisy_targets is None:
+        if kind == "given" and noisy_targets is None:
             raise ValueError(
-                "noise='given' needs noisy_targets= (one noisy label per sample, e.g. CIFAR-N)"
+                "kind='given' needs noisy_targets= (one noisy label per sample, e.g. CIFAR-N)"
             )
-        if noise != "given" and noisy_targets is not None:
+        if kind != "given" and noisy_targets is not None:
             raise ValueError(
-                f"noisy_targets only applies to noise='given', got noise={noise!r}; "
-                "set noise='given' or drop noisy_targets"
+                f"noisy_targets only applies to kind='given', got kind={kind!r}; "
+                "set kind='given' or drop noisy_targets"
+            )
+        if kind != "instance" and features is not None:
+            raise ValueError(
+                f"features only applies to kind='instance', got kind={kind!r}; remove features"
             )
         self.dataset = dataset
         self.noise = noise
-        self.rate = rate
-        self.seed = seed
         n = len(dataset)
 
-        need_inputs = noise == "instance" and features is None
+        need_inputs = kind == "instance" and features is None
         clean: Tensor | None = None
         if targets is not None:
             clean = _as_label_vector(targets, name="targets")
@@ -805,7 +921,7 @@ class NoisyLabels(Dataset):
                 "targets= with one label per sample"
             )
 
-        if noise == "given":
+        if kind == "given":
             noisy = _as_label_vector(noisy_targets, name="noisy_targets")
             if noisy.shape[0] != n:
                 raise ValueError(
@@ -815,29 +931,12 @@ class NoisyLabels(Dataset):
                 num_classes = int(torch.maximum(clean.max(), noisy.max())) + 1
             self._num_classes = _check_num_classes(num_classes, clean, name="targets")
             _check_label_range(noisy, self._num_classes, name="noisy_targets")
-            unused = {
-                "class_map": class_map,
-                "transition_matrix": transition_matrix,
-                "features": features,
-            }
-            for option, value in unused.items():
-                if value is not None:
-                    raise ValueError(f"{option} does not apply to noise='given'; remove it")
         else:
-            if noise == "transition" and num_classes is None and transition_matrix is not None:
-                num_classes = _check_transition_matrix(transition_matrix).shape[0]
+            if kind == "transition" and num_classes is None:
+                num_classes = len(noise.transition_matrix)
             self._num_classes = _check_num_classes(num_classes, clean, name="targets")
             noisy = make_noisy_labels(
-                clean,
-                noise,
-                rate,
-                seed=seed,
-                num_classes=self._num_classes,
-                class_map=class_map,
-                transition_matrix=transition_matrix,
-                features=features,
-                include_true_class=include_true_class,
-                tau=tau,
+                clean, noise, num_classes=self._num_classes, features=features
             )
         self._clean = clean
         self._noisy = noisy
@@ -887,7 +986,6 @@ class NoisyLabels(Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(noise={self.noise!r}, rate={self.rate}, seed={self.seed}, "
-            f"num_classes={self._num_classes}, len={len(self)}, "
-            f"realised_rate={self.noise_rate:.4f})"
+            f"{type(self).__name__}(noise={self.noise!r}, num_classes={self._num_classes}, "
+            f"len={len(self)}, realised_rate={self.noise_rate:.4f})"
         )

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_noise._validate import check_int
+
 __all__ = ["VOCAB", "AdditionDataModule", "decode", "encode"]
 
 #: Token ids: 0 padding, 1 begin, 2 end, then the characters.
@@ -83,22 +85,19 @@ class AdditionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for name, value in (("num_train", num_train), ("num_val", num_val)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(num_test, bool) or not isinstance(num_test, int) or num_test < 0:
-            raise ValueError(f"num_test must be an integer >= 0, got {num_test!r}")
-        if isinstance(max_operand, bool) or not isinstance(max_operand, int) or max_operand < 1:
-            raise ValueError(f"max_operand must be an integer >= 1, got {max_operand!r}")
+        num_train = check_int("num_train", num_train, minimum=1)
+        num_val = check_int("num_val", num_val, minimum=1)
+        num_test = check_int("num_test", num_test, minimum=0)
+        max_operand = check_int("max_operand", max_operand, minimum=1)
         pairs = (max_operand + 1) ** 2
         if num_train + num_val + num_test > pairs:
             raise ValueError(
                 f"{num_train + num_val + num_test} lines requested but only {pairs} distinct "
                 f"operand pairs exist with max_operand={max_operand}; lower the split sizes"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(pairs, generator=gen)
         a, b = order // (max_operand + 1), order % (max_operand + 1)

@@ -193,8 +193,7 @@ class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
             got = f"{len(batch)} items" if isinstance(batch, list | tuple) else type(batch)
             raise ValueError(
                 f"training batches must be (input, target, index), got {got}; wrap the "
-                "training set in lightning_noise.data.NoisyLabels(dataset, rate=0.0) to add "
-                "sample indices"
+                "training set in lightning_noise.data.Indexed(dataset) to add sample indices"
             )
         return batch[0], batch[1], batch[2]
 

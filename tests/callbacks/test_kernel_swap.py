@@ -14,7 +14,7 @@ from torch import nn
 import lightning_noise.callbacks.kernels as swap_module
 from lightning_noise.callbacks import KernelSwap
 from lightning_noise.cli import build_cli
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.kernels import LAUNCHES, FusedCrossEntropyLoss, FusedSoftmax
 from lightning_noise.losses import MaxSupLoss
 from lightning_noise.models import ImageClassifier
@@ -38,7 +38,9 @@ class SoftmaxHead(ImageClassifier):
 
 
 def _digits() -> DigitsDataModule:
-    return DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=128, seed=0)
+    return DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=128, seed=0
+    )
 
 
 def _train(tmp_path, model, callbacks) -> pl.LightningModule:

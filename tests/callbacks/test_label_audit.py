@@ -28,7 +28,7 @@ from lightning_noise.callbacks.label_audit import (
     rank_samples,
     suspicion_scores,
 )
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
 from lightning_noise.models import ImageClassifier
 
@@ -48,7 +48,11 @@ MIN_PRECISION_GAIN = {"aum": 0.3, "first_learned": 0.3, "loss": 0.2, "forgetting
 
 def digits(seed: int = 0) -> DigitsDataModule:
     return DigitsDataModule(
-        noise_rate=NOISE_RATE, image_size=8, channels=1, batch_size=64, seed=seed, noise_seed=seed
+        noise=LabelNoise(rate=NOISE_RATE, seed=seed),
+        image_size=8,
+        channels=1,
+        batch_size=64,
+        seed=seed,
     )
 
 

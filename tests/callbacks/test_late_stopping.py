@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 import lightning_noise.callbacks.late_stopping as late_stopping_module
 from lightning_noise.callbacks import LateStopping
 from lightning_noise.callbacks.late_stopping import fkl_selection, round_schedule
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
 from lightning_noise.models import ImageClassifier
 from lightning_noise.types import SampleBatch, find_callback
@@ -39,7 +39,9 @@ FAST = dict(rate=0.85, rounds_per_k=(1, 1), warmup_epochs=1, final_epochs=2)
 
 
 def digits(**kwargs: Any) -> DigitsDataModule:
-    options: dict[str, Any] = dict(noise_rate=0.4, image_size=8, channels=1, batch_size=100)
+    options: dict[str, Any] = dict(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=100
+    )
     options.update(kwargs)
     return DigitsDataModule(**options)
 

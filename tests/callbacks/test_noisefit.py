@@ -102,7 +102,7 @@ def vit(depth: int = 3) -> ImageClassifier:
 
 
 def digits() -> DigitsDataModule:
-    return DigitsDataModule(noise_rate=0.0, image_size=8, channels=1, batch_size=64, seed=0)
+    return DigitsDataModule(image_size=8, channels=1, batch_size=64, seed=0)
 
 
 def test_layer_discovery_finds_the_block_containers() -> None:

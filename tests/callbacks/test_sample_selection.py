@@ -38,7 +38,7 @@ from lightning_noise.callbacks.sample_selection import (
     num_kept,
     small_loss_mask,
 )
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.mixins import PerSampleLossMixin
 from lightning_noise.models import ImageClassifier
 from lightning_noise.types import SampleBatch, SamplePolicy
@@ -422,7 +422,9 @@ def _fit_digits(
     root: Path, callback: pl.Callback | None, max_epochs: int, ckpt: Path | None = None
 ) -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=200, seed=0)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=200, seed=0
+    )
     model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
     callbacks = [] if callback is None else [callback]
     callbacks.append(ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0))
@@ -476,7 +478,9 @@ def test_resume_from_checkpoint_is_exact(tmp_path, make) -> None:
 # ------------------------------------------------------------------ less memorisation
 def _final_noisy_label_accuracy(root: Path, callback: pl.Callback | None) -> dict[str, float]:
     pl.seed_everything(0, verbose=False)
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=64, seed=0)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=64, seed=0
+    )
     model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
     trainer = make_trainer(
         root,
@@ -546,7 +550,7 @@ def _ddp_main(out_dir: str) -> None:
     for name, make in DDP_CALLBACKS.items():
         pl.seed_everything(0, verbose=False)
         dm = DigitsDataModule(
-            noise_rate=0.4, image_size=8, channels=1, batch_size=DDP_BATCH, seed=0
+            noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=DDP_BATCH, seed=0
         )
         model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
         callback = make()

@@ -20,7 +20,7 @@ from _trainers import ddp_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_noise.callbacks as callbacks
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.models import ImageClassifier
 
@@ -107,7 +107,9 @@ def _fit(
     ckpt: Path | None = None,
 ) -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=200, seed=0)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=200, seed=0
+    )
     model = SETTINGS[name].model()
     trainer = pl.Trainer(
         max_epochs=max_epochs,
@@ -172,7 +174,9 @@ def test_preset_builds_from_the_cli(name) -> None:
 def _ddp_main(out_dir: str) -> None:
     for name in NAMES:
         pl.seed_everything(0, verbose=False)
-        dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=100, seed=0)
+        dm = DigitsDataModule(
+            noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=100, seed=0
+        )
         model = SETTINGS[name].model()
         callbacks_ = _with_dynamics(name, SETTINGS[name].make())
         trainer = ddp_trainer(callbacks_, max_steps=3, default_root_dir=out_dir)

@@ -19,6 +19,7 @@ from _formats import (
     write_cifar100,
 )
 
+from lightning_noise.data import LabelNoise
 from lightning_noise.data.cifar import (
     CIFAR100_ASYMMETRIC_MAP,
     CIFAR10DataModule,
@@ -92,7 +93,7 @@ def test_cifar10_augmentation(cifar10_dir: Path) -> None:
 
 
 def test_cifar10_train_dataloader(cifar10_dir: Path) -> None:
-    dm = CIFAR10DataModule(str(cifar10_dir), noise_rate=0.5, batch_size=32)
+    dm = CIFAR10DataModule(str(cifar10_dir), noise=LabelNoise(rate=0.5), batch_size=32)
     seen = []
     for x, y, idx in dm.train_dataloader():
         assert x.shape[1:] == (3, 32, 32)
@@ -115,8 +116,8 @@ def test_cifar100_loads_fine_labels(tmp_path: Path) -> None:
 
 def test_cifar100_asymmetric_default_map(tmp_path: Path) -> None:
     write_cifar100(tmp_path / "cifar-100-python")
-    dm = CIFAR100DataModule(str(tmp_path), noise="asymmetric", noise_rate=0.6)
-    assert dm.class_map == CIFAR100_ASYMMETRIC_MAP
+    dm = CIFAR100DataModule(str(tmp_path), noise=LabelNoise("asymmetric", 0.6))
+    assert dm.noise.class_map == CIFAR100_ASYMMETRIC_MAP
     assert CIFAR100_ASYMMETRIC_MAP[4] == 0 and CIFAR100_ASYMMETRIC_MAP[7] == 8
     ds = dm.train_dataset
     assert ds.noise_mask.any()
@@ -181,7 +182,7 @@ def test_cifar_n_labels_are_used(cifar10_dir: Path, cifar_n_file) -> None:
     dm = CIFAR10DataModule(
         str(cifar10_dir), noisy_labels_file=str(path), noisy_label_key="aggre_label"
     )
-    assert dm.noise == "given"
+    assert dm.noise == LabelNoise("given")
     ds = dm.train_dataset
     assert torch.equal(ds.noisy_targets, torch.as_tensor(labels["aggre_label"]))
     expected_mask = torch.as_tensor(labels["aggre_label"] != labels["clean_label"])
@@ -269,12 +270,21 @@ def test_cifar_n_missing_file(cifar10_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"noisy_labels_file": "f.pt", "noisy_label_key": "aggre_label", "noise_rate": 0.2}, "0.2"),
-        ({"noisy_labels_file": "f.pt", "noisy_label_key": "aggre_label", "noise": "pair"}, "pair"),
+        (
+            {
+                "noisy_labels_file": "f.pt",
+                "noisy_label_key": "aggre",
+                "noise": LabelNoise(rate=0.2),
+            },
+            r"noise.rate=0.2 asks for synthetic noise on top",
+        ),
+        (
+            {"noisy_labels_file": "f.pt", "noisy_label_key": "aggre", "noise": LabelNoise("pair")},
+            "noise.kind='pair' asks for synthetic noise",
+        ),
         ({"noisy_labels_file": "f.pt"}, "noisy_label_key is needed.*worse_label"),
-        ({"noise": "given"}, "noisy_labels_file"),
+        ({"noise": LabelNoise("given")}, "noisy_labels_file"),
         ({"noisy_label_key": "aggre_label"}, "needs noisy_labels_file"),
-        ({"noise_rate": 1.0}, "1.0"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"noisy_validation": True}, "val_fraction > 0"),
     ],
@@ -285,10 +295,11 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 
 
 def test_cifar10_instance_noise_on_raw_pixels(cifar10_dir: Path) -> None:
-    kwargs = {"noise": "instance", "noise_rate": 0.4, "val_fraction": 0.2, "seed": 1}
+    kwargs = {"noise": LabelNoise("instance", 0.4), "val_fraction": 0.2, "seed": 1}
     dm = CIFAR10DataModule(str(cifar10_dir), noisy_validation=True, **kwargs)
     assert 0.1 < dm.train_dataset.noise_rate < 0.7
     val_noise = dm.val_dataset.noisy  # the NoisyLabels behind the (input, target) view
-    assert val_noise.noise == "instance" and val_noise.noise_mask.any()
+    assert val_noise.noise.kind == "instance" and val_noise.noise_mask.any()
+    assert val_noise.noise.seed != dm.train_dataset.noise.seed  # drawn independently
     plain = CIFAR10DataModule(str(cifar10_dir), augment=False, **kwargs)
     assert torch.equal(plain.noisy_targets, dm.noisy_targets)  # augmentation plays no part

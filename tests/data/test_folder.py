@@ -8,6 +8,7 @@ import pytest
 import torch
 from _formats import IMAGE_CLASSES, write_images
 
+from lightning_noise.data import LabelNoise
 from lightning_noise.data.folder import ImageFolderDataModule
 
 CLASSES = IMAGE_CLASSES
@@ -29,7 +30,9 @@ def test_num_classes_without_setup(split_root: Path) -> None:
 
 
 def test_train_val_test_folders(split_root: Path) -> None:
-    dm = ImageFolderDataModule(str(split_root), image_size=16, augment=False, noise_rate=0.5)
+    dm = ImageFolderDataModule(
+        str(split_root), image_size=16, augment=False, noise=LabelNoise(rate=0.5)
+    )
     dm.setup("fit")
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (18, 6, 2)
     x, _, i = dm.train_dataset[7]
@@ -67,18 +70,20 @@ def test_single_folder_split(tmp_path: Path) -> None:
 
 def test_single_folder_defaults_and_determinism(tmp_path: Path) -> None:
     write_images(tmp_path, 10)
-    a = ImageFolderDataModule(str(tmp_path), image_size=8, noise_rate=0.4, seed=1)
+    a = ImageFolderDataModule(str(tmp_path), image_size=8, noise=LabelNoise(rate=0.4), seed=1)
     assert len(a.val_dataset) == 3 and a.test_dataset is None  # defaults: 10% val, no test
     assert a.test_dataloader() == []
-    b = ImageFolderDataModule(str(tmp_path), image_size=8, noise_rate=0.4, seed=1)
+    b = ImageFolderDataModule(str(tmp_path), image_size=8, noise=LabelNoise(rate=0.4), seed=1)
     assert torch.equal(a.noisy_targets, b.noisy_targets)
     assert torch.equal(a.train_dataset.dataset.indices, b.train_dataset.dataset.indices)
-    c = ImageFolderDataModule(str(tmp_path), image_size=8, noise_rate=0.4, seed=2)
+    c = ImageFolderDataModule(str(tmp_path), image_size=8, noise=LabelNoise(rate=0.4), seed=2)
     assert not torch.equal(a.train_dataset.dataset.indices, c.train_dataset.dataset.indices)
 
 
 def test_train_dataloader_with_augmentation(split_root: Path) -> None:
-    dm = ImageFolderDataModule(str(split_root), image_size=12, batch_size=8, noise_rate=0.3)
+    dm = ImageFolderDataModule(
+        str(split_root), image_size=12, batch_size=8, noise=LabelNoise(rate=0.3)
+    )
     seen = []
     for x, y, idx in dm.train_dataloader():
         assert x.shape[1:] == (3, 12, 12)
@@ -90,10 +95,11 @@ def test_train_dataloader_with_augmentation(split_root: Path) -> None:
 
 
 def test_instance_noise_uses_thumbnails(split_root: Path) -> None:
-    dm = ImageFolderDataModule(str(split_root), image_size=8, noise="instance", noise_rate=0.5)
+    noise = LabelNoise("instance", 0.5)
+    dm = ImageFolderDataModule(str(split_root), image_size=8, noise=noise)
     assert dm.noisy_targets.shape == (18,)
     assert dm._features["train"].shape == (18, 3, 32, 32)  # un-augmented 32x32 thumbnails
-    again = ImageFolderDataModule(str(split_root), image_size=24, noise="instance", noise_rate=0.5)
+    again = ImageFolderDataModule(str(split_root), image_size=24, noise=noise)
     assert torch.equal(again.noisy_targets, dm.noisy_targets)  # independent of image_size
 
 
@@ -125,9 +131,8 @@ def test_extra_class_in_val_is_an_error(split_root: Path) -> None:
     ("kwargs", "match"),
     [
         ({"image_size": 0}, "image_size must be an integer >= 1, got 0"),
-        ({"test_fraction": 1.0}, "test_fraction"),
-        ({"noise_rate": 1.0}, "1.0"),
-        ({"noise": "given"}, "given"),
+        ({"test_fraction": 1.0}, r"test_fraction must be in \[0, 1\), got 1.0"),
+        ({"noise": LabelNoise("given")}, "given"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import math
 import re
@@ -17,6 +18,7 @@ from lightning_noise.data import noise as noise_module
 from lightning_noise.data.noise import (
     CIFAR10_ASYMMETRIC_MAP,
     NOISE_TYPES,
+    LabelNoise,
     NoisyLabels,
     asymmetric_noise,
     instance_dependent_noise,
@@ -197,7 +199,7 @@ def test_transition_matches_symmetric_statistics():
     m = torch.full((c, c), rate / (c - 1), dtype=torch.float64)
     m.fill_diagonal_(1 - rate)
     clean = _labels(40000, c)
-    noisy = make_noisy_labels(clean, "transition", 0.0, transition_matrix=m, seed=2)
+    noisy = make_noisy_labels(clean, LabelNoise("transition", transition_matrix=m, seed=2))
     assert abs(realised_noise_rate(clean, noisy) - rate) <= _binomial_tol(rate, 40000)
 
 
@@ -271,16 +273,16 @@ def test_instance_rate_zero_is_identity():
 # --------------------------------------------------------------------------------------------
 # Determinism and RNG hygiene (parametrised over every generated noise type)
 # --------------------------------------------------------------------------------------------
-def _corrupt(noise: str, seed: int) -> torch.Tensor:
+def _corrupt(kind: str, seed: int) -> torch.Tensor:
     clean = _labels(3000, 10)
-    kwargs = {}
-    if noise == "instance":
-        kwargs["features"] = _features(3000, 8, 0)
-    if noise == "transition":
+    features = _features(3000, 8, 0) if kind == "instance" else None
+    if kind == "transition":
         m = torch.full((10, 10), 0.05)
         m.fill_diagonal_(0.55)
-        kwargs["transition_matrix"] = m
-    return make_noisy_labels(clean, noise, 0.4, seed=seed, **kwargs)
+        noise = LabelNoise(kind, seed=seed, transition_matrix=m.tolist())
+    else:
+        noise = LabelNoise(kind, 0.4, seed=seed)
+    return make_noisy_labels(clean, noise, features=features)
 
 
 GENERATED = [t for t in NOISE_TYPES if t != "given"]
@@ -367,9 +369,9 @@ class _CountingDataset(Dataset):
 
 def test_noisy_labels_items_and_properties():
     base = TensorDataset(_features(1000, 3, 0), _labels(1000, 10))
-    ds = NoisyLabels(base, "symmetric", rate=0.3, seed=4)
+    ds = NoisyLabels(base, LabelNoise("symmetric", 0.3, seed=4))
     assert len(ds) == 1000 and ds.num_classes == 10
-    assert (ds.noise, ds.rate, ds.seed) == ("symmetric", 0.3, 4)
+    assert ds.noise == LabelNoise("symmetric", 0.3, seed=4)
     assert torch.equal(ds.clean_targets, base.tensors[1])
     assert torch.equal(ds.noisy_targets, symmetric_noise(base.tensors[1], 0.3, seed=4))
     for i in (0, 17, 999):
@@ -391,7 +393,7 @@ def test_noisy_labels_items_and_properties():
 
 def test_noisy_labels_through_dataloader():
     base = TensorDataset(_features(64, 3, 0), _labels(64, 4))
-    ds = NoisyLabels(base, "pair", rate=0.5, seed=0)
+    ds = NoisyLabels(base, LabelNoise("pair", 0.5))
     seen = []
     for x, y, idx in DataLoader(ds, batch_size=16, shuffle=True):
         assert x.shape == (len(idx), 3)
@@ -402,7 +404,7 @@ def test_noisy_labels_through_dataloader():
 
 def test_noisy_labels_reads_targets_attribute_without_iterating():
     base = _CountingDataset(500, 5, with_targets=True)
-    ds = NoisyLabels(base, "symmetric", rate=0.2)
+    ds = NoisyLabels(base, LabelNoise("symmetric", 0.2))
     assert base.reads == 0
     assert torch.equal(ds.clean_targets, torch.tensor(base.targets))
     x, _, idx = ds[3]  # extra trailing item dropped
@@ -413,7 +415,7 @@ def test_noisy_labels_looks_through_subset():
     base = _CountingDataset(500, 5, with_targets=True)
     indices = [4, 400, 7, 7, 123]
     sub = Subset(Subset(base, list(range(100, 500)) + indices), list(range(400, 405)))
-    ds = NoisyLabels(sub, "symmetric", rate=0.5)
+    ds = NoisyLabels(sub, LabelNoise("symmetric", 0.5))
     assert base.reads == 0
     assert ds.clean_targets.tolist() == [base.targets[i] for i in indices]
     _, _, idx = ds[1]
@@ -422,7 +424,7 @@ def test_noisy_labels_looks_through_subset():
 
 def test_noisy_labels_iterates_when_no_targets():
     base = _CountingDataset(300, 5, with_targets=False)
-    ds = NoisyLabels(Subset(base, range(0, 300, 3)), "pair", rate=0.4)
+    ds = NoisyLabels(Subset(base, range(0, 300, 3)), LabelNoise("pair", 0.4))
     assert base.reads == 100
     assert torch.equal(ds.clean_targets, base._y[::3])
 
@@ -430,7 +432,7 @@ def test_noisy_labels_iterates_when_no_targets():
 def test_noisy_labels_explicit_targets_win():
     base = _CountingDataset(200, 5, with_targets=True)
     explicit = (torch.tensor(base.targets) + 1) % 5
-    ds = NoisyLabels(base, "symmetric", rate=0.2, targets=explicit)
+    ds = NoisyLabels(base, LabelNoise("symmetric", 0.2), targets=explicit)
     assert torch.equal(ds.clean_targets, explicit)
     assert base.reads == 0
 
@@ -438,26 +440,26 @@ def test_noisy_labels_explicit_targets_win():
 def test_noisy_labels_given_mode():
     base = TensorDataset(_features(400, 3, 0), _labels(400, 10))
     human = symmetric_noise(base.tensors[1], 0.17, seed=123).numpy()
-    ds = NoisyLabels(base, "given", rate=0.9, noisy_targets=human)
+    ds = NoisyLabels(base, LabelNoise("given"), noisy_targets=human)
     assert torch.equal(ds.noisy_targets, torch.from_numpy(human))
     assert ds.noise_rate == pytest.approx(realised_noise_rate(base.tensors[1], human))
     assert ds[5][1] == int(human[5])
     with pytest.raises(ValueError, match="399"):
-        NoisyLabels(base, "given", noisy_targets=human[:399])
+        NoisyLabels(base, LabelNoise("given"), noisy_targets=human[:399])
     bad = human.copy()
     bad[3] = 10
     with pytest.raises(ValueError, match=r"got 10 at index 3"):
-        NoisyLabels(base, "given", noisy_targets=bad, num_classes=10)
+        NoisyLabels(base, LabelNoise("given"), noisy_targets=bad, num_classes=10)
     with pytest.raises(ValueError, match="noisy_targets"):
-        NoisyLabels(base, "given")
+        NoisyLabels(base, LabelNoise("given"))
     with pytest.raises(ValueError, match="noisy_targets"):
-        NoisyLabels(base, "symmetric", noisy_targets=human)
+        NoisyLabels(base, LabelNoise("symmetric"), noisy_targets=human)
 
 
 def test_noisy_labels_instance_uses_flattened_inputs():
     x = _features(600, 12, 5).reshape(600, 3, 2, 2)
     base = TensorDataset(x, _labels(600, 6))
-    ds = NoisyLabels(base, "instance", rate=0.3, seed=2)
+    ds = NoisyLabels(base, LabelNoise("instance", 0.3, seed=2))
     ref = instance_dependent_noise(base.tensors[1], x.reshape(600, -1), 0.3, seed=2)
     assert torch.equal(ds.noisy_targets, ref)
 
@@ -465,12 +467,170 @@ def test_noisy_labels_instance_uses_flattened_inputs():
 def test_noisy_labels_other_types_match_functions():
     base = TensorDataset(_features(500, 3, 0), _labels(500, 10))
     y = base.tensors[1]
-    asym = NoisyLabels(base, "asymmetric", rate=0.4, seed=1)
+    asym = NoisyLabels(base, LabelNoise("asymmetric", 0.4, seed=1))
     assert torch.equal(asym.noisy_targets, asymmetric_noise(y, 0.4, seed=1))
     m = torch.eye(10).roll(1, dims=1)
-    trans = NoisyLabels(base, "transition", seed=1, transition_matrix=m)
+    trans = NoisyLabels(base, LabelNoise("transition", seed=1, transition_matrix=m.tolist()))
     assert torch.equal(trans.noisy_targets, (y + 1) % 10)
     assert trans.noise_rate == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# LabelNoise: the one description of the noise
+# --------------------------------------------------------------------------------------------
+def _matrix(c: int = 10) -> list[list[float]]:
+    m = torch.full((c, c), 0.05, dtype=torch.float64)
+    m.fill_diagonal_(1 - 0.05 * (c - 1))
+    return m.tolist()
+
+
+@pytest.mark.parametrize(
+    ("noise", "direct"),
+    [
+        (LabelNoise("symmetric", 0.4, seed=3), lambda y: symmetric_noise(y, 0.4, seed=3)),
+        (
+            LabelNoise("symmetric", 0.4, seed=3, include_true_class=True),
+            lambda y: symmetric_noise(y, 0.4, seed=3, include_true_class=True),
+        ),
+        (LabelNoise("pair", 0.45, seed=1), lambda y: pair_noise(y, 0.45, seed=1)),
+        (LabelNoise("asymmetric", 0.5, seed=2), lambda y: asymmetric_noise(y, 0.5, seed=2)),
+        (
+            LabelNoise("asymmetric", 0.5, seed=2, class_map={1: 2, 7: 0}),
+            lambda y: asymmetric_noise(y, 0.5, class_map={1: 2, 7: 0}, seed=2),
+        ),
+        (
+            LabelNoise("transition", seed=4, transition_matrix=_matrix()),
+            lambda y: transition_matrix_noise(y, _matrix(), seed=4),
+        ),
+        (
+            LabelNoise("instance", 0.3, seed=5),  # tau None: the function's default, 0.1
+            lambda y: instance_dependent_noise(y, _features(3000, 8, 0), 0.3, seed=5),
+        ),
+        (
+            LabelNoise("instance", 0.3, seed=5, tau=0.2),
+            lambda y: instance_dependent_noise(y, _features(3000, 8, 0), 0.3, seed=5, tau=0.2),
+        ),
+    ],
+    ids=lambda v: v.kind if isinstance(v, LabelNoise) else "",
+)
+def test_make_noisy_labels_is_the_corruption_function_of_the_kind(noise, direct):
+    clean = _labels(3000, 10)
+    features = _features(3000, 8, 0) if noise.kind == "instance" else None
+    got = make_noisy_labels(clean, noise, features=features)
+    assert torch.equal(got, direct(clean))
+    assert realised_noise_rate(clean, got) > 0.05  # the options were applied, not dropped
+
+
+def test_noisy_labels_exact_flips_are_pinned():
+    # Exact labels, so that a refactoring cannot change which samples flip: the first noisy
+    # positions and the label checksum of 40% symmetric noise, seed 0, on 500 balanced labels
+    # (the values of the code before LabelNoise existed).
+    base = TensorDataset(_features(500, 3, 0), torch.arange(500) % 10)
+    ds = NoisyLabels(base, LabelNoise("symmetric", 0.4))
+    assert ds.noise_mask.nonzero().squeeze(1)[:8].tolist() == [6, 7, 9, 11, 12, 17, 20, 22]
+    assert (int(ds.noise_mask.sum()), int(ds.noisy_targets.sum())) == (196, 2294)
+
+
+def test_label_noise_defaults_mean_clean_labels():
+    noise = LabelNoise()
+    assert (noise.kind, noise.rate, noise.seed) == ("symmetric", 0.0, 0)
+    clean = _labels(500, 5)
+    assert torch.equal(make_noisy_labels(clean, noise), clean)
+
+
+def test_label_noise_is_frozen_hashable_and_normalised():
+    noise = LabelNoise("asymmetric", 0.3, class_map={"2": 7, np.int64(3): 8})
+    assert noise.class_map == {2: 7, 3: 8}  # JSON-style string keys and numpy ints: plain ints
+    assert all(type(k) is int and type(v) is int for k, v in noise.class_map.items())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        noise.rate = 0.5
+    same = LabelNoise("asymmetric", 0.3, class_map={3: 8, 2: 7})
+    assert noise == same and hash(noise) == hash(same) and len({noise, same}) == 1
+    given = {0: 1}
+    copied = LabelNoise("asymmetric", class_map=given)
+    given[0] = 2
+    assert copied.class_map == {0: 1}  # not aliased to the caller's dict
+    m = torch.eye(3, dtype=torch.float32).roll(1, dims=1)
+    trans = LabelNoise("transition", transition_matrix=m)
+    assert trans.transition_matrix == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    assert type(trans.transition_matrix[0][0]) is float
+    assert hash(trans) == hash(LabelNoise("transition", transition_matrix=m.tolist()))
+    assert LabelNoise(rate=1 / 4).rate == 0.25 and type(LabelNoise(seed=np.int64(3)).seed) is int
+
+
+def test_label_noise_round_trips_through_asdict():
+    noise = LabelNoise("asymmetric", 0.3, seed=9, class_map={1: 2})
+    plain = dataclasses.asdict(noise)
+    assert plain == {
+        "kind": "asymmetric",
+        "rate": 0.3,
+        "seed": 9,
+        "class_map": {1: 2},
+        "transition_matrix": None,
+        "include_true_class": False,
+        "tau": None,
+    }
+    assert LabelNoise(**plain) == noise
+
+
+BAD_NOISE = {
+    "unknown kind": (dict(kind="gaussian"), "kind must be one of 'symmetric', 'pair'"),
+    "rate 1.0": (dict(rate=1.0), "rate must be in [0, 1), got 1.0"),
+    "rate -0.1": (dict(rate=-0.1), "got -0.1"),
+    "rate nan": (dict(rate=float("nan")), "got nan"),
+    "rate string": (dict(rate="0.4"), "got '0.4'"),
+    "rate bool": (dict(rate=True), "got True"),
+    "negative seed": (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    "float seed": (dict(seed=1.5), "got 1.5"),
+    "rate with transition": (
+        dict(kind="transition", rate=0.2, transition_matrix=np.eye(2)),
+        "rate=0.2 does not apply to kind='transition' (the transition matrix sets the noise)",
+    ),
+    "rate with given": (dict(kind="given", rate=0.2), "leave rate at 0.0"),
+    "transition without matrix": (dict(kind="transition"), "needs transition_matrix="),
+    "matrix with symmetric": (
+        dict(rate=0.2, transition_matrix=np.eye(2)),
+        "transition_matrix only applies to kind='transition', got kind='symmetric'; "
+        "remove transition_matrix or set kind='transition'",
+    ),
+    "non-stochastic matrix": (
+        dict(kind="transition", transition_matrix=[[0.5, 0.5], [0.7, 0.7]]),
+        "row 1 sums to 1.4",
+    ),
+    "class_map with pair": (
+        dict(kind="pair", class_map={0: 1}),
+        "class_map only applies to kind='asymmetric', got kind='pair'",
+    ),
+    "class_map not a mapping": (dict(kind="asymmetric", class_map=[0, 1]), "got list"),
+    "class_map negative": (dict(kind="asymmetric", class_map={-1: 0}), "-1: 0"),
+    "class_map float": (dict(kind="asymmetric", class_map={0: 1.5}), "0: 1.5"),
+    "include_true_class with pair": (
+        dict(kind="pair", include_true_class=True),
+        "include_true_class only applies to kind='symmetric', got kind='pair'",
+    ),
+    "include_true_class not bool": (dict(include_true_class=1), "True or False, got 1"),
+    "tau with symmetric": (dict(tau=0.2), "tau only applies to kind='instance'"),
+    "negative tau": (dict(kind="instance", tau=-1.0), "tau must be in [0, inf), got -1.0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NOISE))
+def test_label_noise_rejects_bad_values_naming_them(case):
+    kwargs, fragment = BAD_NOISE[case]
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        LabelNoise(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: make_noisy_labels(Y, "symmetric"),
+        lambda: NoisyLabels(TensorDataset(torch.zeros(6), torch.tensor(Y)), "pair"),
+    ],
+)
+def test_a_string_for_noise_is_a_type_error_showing_the_fix(call):
+    with pytest.raises(TypeError, match=r"noise must be a LabelNoise.*LabelNoise\(kind="):
+        call()
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,10 +641,12 @@ Y = [0, 1, 2, 3, 1, 0]
 BAD_INPUTS = {
     "rate 1.0": (lambda: symmetric_noise(Y, 1.0), "got 1.0"),
     "rate -0.1": (lambda: pair_noise(Y, -0.1), "got -0.1"),
-    "rate 1.2": (lambda: make_noisy_labels(Y, "symmetric", 1.2), "rate must be in [0, 1), got 1.2"),
+    "rate 1.2": (
+        lambda: make_noisy_labels(Y, LabelNoise("symmetric", 1.2)),
+        "rate must be in [0, 1), got 1.2",
+    ),
     "rate nan": (lambda: asymmetric_noise(list(range(10)), float("nan")), "nan"),
-    "unknown type": (lambda: make_noisy_labels(Y, "gaussian", 0.2), "'gaussian'"),
-    "given not generated": (lambda: make_noisy_labels(Y, "given", 0.2), "noisy_targets"),
+    "given not generated": (lambda: make_noisy_labels(Y, LabelNoise("given")), "noisy_targets"),
     "non-stochastic row": (
         lambda: transition_matrix_noise([0, 1], [[0.5, 0.5], [0.7, 0.7]]),
         "row 1 sums to 1.4",
@@ -496,17 +658,22 @@ BAD_INPUTS = {
     "non-square matrix": (lambda: transition_matrix_noise([0, 1], np.ones((2, 3)) / 3), "(2, 3)"),
     "labels beyond matrix": (lambda: transition_matrix_noise([0, 2], np.eye(2)), "got 2"),
     "matrix vs num_classes": (
-        lambda: make_noisy_labels(Y, "transition", 0.0, transition_matrix=np.eye(4), num_classes=5),
+        lambda: make_noisy_labels(
+            Y, LabelNoise("transition", transition_matrix=np.eye(4)), num_classes=5
+        ),
         "num_classes=5",
     ),
-    "missing matrix": (lambda: make_noisy_labels(Y, "transition", 0.1), "transition_matrix"),
     "label out of range": (lambda: symmetric_noise([0, 5, 1], 0.2, num_classes=3), "got 5"),
     "negative label": (lambda: pair_noise([0, -1, 1], 0.2), "got -1 at index 1"),
     "num_classes 1": (lambda: symmetric_noise([0, 0, 0], 0.2), "got 1"),
     "num_classes 1 explicit": (lambda: pair_noise([0], 0.2, num_classes=1), "got 1"),
     "2-D labels": (lambda: symmetric_noise([[0, 1], [1, 0]], 0.2), "(2, 2)"),
     "float labels": (lambda: symmetric_noise([0.0, 1.0], 0.2), "float64"),
-    "missing features": (lambda: make_noisy_labels(Y, "instance", 0.2), "features"),
+    "missing features": (lambda: make_noisy_labels(Y, LabelNoise("instance", 0.2)), "features"),
+    "features for another kind": (
+        lambda: make_noisy_labels(Y, LabelNoise("pair", 0.2), features=torch.ones(6, 2)),
+        "features only applies to kind='instance', got kind='pair'",
+    ),
     "missing features direct": (lambda: instance_dependent_noise(Y, None, 0.2), "features"),
     "features wrong length": (
         lambda: instance_dependent_noise(Y, torch.zeros(5, 3), 0.2),
@@ -528,30 +695,22 @@ BAD_INPUTS = {
         lambda: asymmetric_noise(Y, 0.2, class_map={0: 4}),
         "value 4",
     ),
-    "option for wrong type": (
-        lambda: make_noisy_labels(Y, "symmetric", 0.2, class_map={0: 1}),
-        "class_map only applies to noise='asymmetric'",
-    ),
     "negative seed": (lambda: symmetric_noise(Y, 0.2, seed=-3), "-3"),
     "length mismatch": (lambda: realised_noise_rate([0, 1], [0]), "2 and 1"),
-    "NoisyLabels unknown type": (
-        lambda: NoisyLabels(TensorDataset(torch.zeros(6), torch.tensor(Y)), "uniform"),
-        "'uniform'",
-    ),
     "NoisyLabels targets length": (
-        lambda: NoisyLabels(TensorDataset(torch.zeros(6), torch.tensor(Y)), targets=[0, 1]),
+        lambda: NoisyLabels(
+            TensorDataset(torch.zeros(6), torch.tensor(Y)), LabelNoise(), targets=[0, 1]
+        ),
         "got 2 clean targets for a dataset of length 6",
     ),
     "NoisyLabels out-of-range targets": (
-        lambda: NoisyLabels(TensorDataset(torch.zeros(6), torch.tensor(Y)), num_classes=3),
+        lambda: NoisyLabels(
+            TensorDataset(torch.zeros(6), torch.tensor(Y)), LabelNoise(), num_classes=3
+        ),
         "got 3 at index 3",
     ),
-    "NoisyLabels rate 1.0": (
-        lambda: NoisyLabels(TensorDataset(torch.zeros(6), torch.tensor(Y)), rate=1.0),
-        "got 1.0",
-    ),
     "NoisyLabels bad items": (
-        lambda: NoisyLabels([torch.zeros(2), torch.zeros(2)], "pair"),
+        lambda: NoisyLabels([torch.zeros(2), torch.zeros(2)], LabelNoise("pair")),
         "(input, target, ...)",
     ),
 }
@@ -564,11 +723,12 @@ def test_bad_inputs_raise_value_error_naming_value(case):
         fn()
 
 
-def test_unknown_type_error_lists_all_types():
+def test_unknown_kind_error_lists_all_kinds():
     with pytest.raises(ValueError) as err:
-        make_noisy_labels(Y, "gaussian", 0.2)
+        LabelNoise("gaussian", 0.2)
+    assert "kind must be one of" in str(err.value) and "'gaussian'" in str(err.value)
     for name in NOISE_TYPES:
-        assert name in str(err.value)
+        assert repr(name) in str(err.value)
 
 
 def test_docstring_examples_run():

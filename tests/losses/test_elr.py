@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_noise.losses as losses
 import lightning_noise.losses.elr as elr_module
 from lightning_noise.callbacks import SAM
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.models import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,9 @@ def test_ignored_entries_neither_update_nor_count() -> None:
 
 # ---------------------------------------------------------------------- in Lightning
 def digits() -> DigitsDataModule:
-    return DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=200, seed=0)
+    return DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=200, seed=0
+    )
 
 
 def classifier(criterion) -> ImageClassifier:
@@ -216,7 +218,9 @@ def ddp_main(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
     loss = losses.ELRLoss(beta=0.7, num_samples=1168)
     trainer = ddp_trainer([], max_epochs=1)
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=100, seed=0)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=100, seed=0
+    )
     trainer.fit(classifier(loss), datamodule=dm)
     torch.save(loss.targets, Path(out_dir) / f"rank{trainer.global_rank}.pt")
     trainer.strategy.barrier()

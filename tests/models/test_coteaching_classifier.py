@@ -14,7 +14,7 @@ from _trainers import ddp_trainer, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.models import CoTeachingClassifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def test_two_steps_equal_the_cross_update_by_hand(tmp_path) -> None:
 
 
 def test_forget_rate_defaults_to_the_realised_noise_rate(tmp_path) -> None:
-    dm = DigitsDataModule(noise_rate=0.3, image_size=8, channels=1, batch_size=200)
+    dm = DigitsDataModule(noise=LabelNoise(rate=0.3), image_size=8, channels=1, batch_size=200)
     model = CoTeachingClassifier("test_resnet", num_classes=10, in_chans=1)
     make_trainer(tmp_path, [], max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
     assert model.forget_rate == pytest.approx(dm.train_dataset.noise_rate)
@@ -86,7 +86,9 @@ def test_bad_hyperparameters(kwargs, match) -> None:
 
 def _fit(root: Path, max_epochs: int, ckpt=None, plus=None) -> CoTeachingClassifier:
     pl.seed_everything(0, verbose=False)
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=200, seed=0)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=200, seed=0
+    )
     model = CoTeachingClassifier(
         "test_resnet", num_classes=10, in_chans=1, num_gradual=2, plus_start_epoch=plus
     )
@@ -130,7 +132,9 @@ def test_recipe_runs_from_the_cli(tmp_path) -> None:
 
 def _ddp_main(out_dir: str) -> None:
     pl.seed_everything(0, verbose=False)
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=100, seed=0)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=100, seed=0
+    )
     model = CoTeachingClassifier("test_resnet", num_classes=10, in_chans=1, forget_rate=0.4,
                                  num_gradual=1, plus_start_epoch=1)  # fmt: skip
     trainer = ddp_trainer([], max_epochs=2)

@@ -11,14 +11,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_noise.data import DigitsDataModule
+from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.models import ImageClassifier
 
 
 def _run(tmp_path, max_epochs: int, ckpt_path=None, seed: int = 0):
     pl.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(noise_rate=0.4, image_size=8, channels=1, batch_size=128, seed=0)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=128, seed=0
+    )
     model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
     dynamics = TrainingDynamics(k=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
