@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from lightning_noise.data._safe_load import safe_torch_load
 from lightning_noise.dynamics.callback import EXPORT_FILE
 
 __all__ = [
     "fkl_histogram",
+    "load_export",
     "loss_distributions",
     "main",
     "memorisation_curve",
@@ -191,6 +193,21 @@ def robustness_chart(
     return out, table
 
 
+def load_export(path: str | Path) -> dict[str, Any]:
+    """The dict of a ``dynamics.pt``, loaded with ``weights_only=True`` (no code in it runs).
+
+    Raises:
+        ValueError: naming the file when it does not load or is not a dynamics export.
+    """
+    fix = "it is written by the TrainingDynamics callback at the end of training; train again"
+    what = f"a TrainingDynamics export ({EXPORT_FILE})"
+    export = safe_torch_load(path, what=what, fix=fix)
+    needed = ("k", "history", "last_loss", "first_learned_epoch")
+    if not isinstance(export, dict) or any(key not in export for key in needed):
+        raise ValueError(f"{str(path)!r} is not {what}: it lacks some of {needed}; {fix}")
+    return export
+
+
 def plot_run(path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Draw every figure the run folder (or results CSV) at ``path`` allows."""
     path = Path(path)
@@ -208,7 +225,7 @@ def plot_run(path: str | Path, out_dir: str | Path | None = None) -> dict[str, P
         written["memorisation"] = memorisation_curve(metrics_csv, out / "memorisation.png")[0]
     export_path = _latest(path, EXPORT_FILE)
     if export_path is not None:
-        export = torch.load(export_path, weights_only=False)
+        export = load_export(export_path)
         written["loss"] = loss_distributions(export, out / "loss_distributions.png")[0]
         written["fkl"] = fkl_histogram(export, out / "fkl_histogram.png")[0]
     if not written:
@@ -226,7 +243,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("path", help="a run folder (e.g. runs/digits_sam) or a results.csv")
     parser.add_argument("--out", default=None, help="output folder (default <run>/plots)")
     args = parser.parse_args(argv)
-    written = plot_run(args.path, args.out)
+    try:
+        written = plot_run(args.path, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        # A user's mistake (a wrong path, a foreign file): one line, not a traceback.
+        raise SystemExit(f"lightning-noise plot: error: {err}") from None
     for name, png in written.items():
         print(f"{name}: {png}")
     return written

@@ -375,6 +375,7 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         if self._is_set_up:
             return
         splits = self._build_splits()
+        self._check_not_empty(splits)
         self._train = self._with_noise(splits.train, splits.train_targets, "train")
         if splits.val is not None:
             if self.noisy_validation:
@@ -392,6 +393,21 @@ class NoisyLabelDataModule(pl.LightningDataModule):
             self._val = splits.test
         self._test = splits.test
         self._is_set_up = True
+
+    def _check_not_empty(self, splits: DataSplits) -> None:
+        """Refuse an empty split at setup (PyTorch would say "num_samples=0" at the first epoch)."""
+        for split, dataset in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+            if dataset is not None and len(dataset) == 0:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"the {split} split of {type(self).__name__} is empty: "
+                    f"{self._empty_split_hint(split)}"
+                )
+
+    def _empty_split_hint(self, split: str) -> str:
+        """Why ``split`` may be empty and the fix (subclasses name their files or folders)."""
+        if split == "train":
+            return "the data holds no samples, or val_fraction/test_fraction take them all"
+        return f"the data holds no {split} samples; raise {split}_fraction or add {split} data"
 
     def _with_noise(self, dataset: Dataset, targets: Tensor | None, split: str) -> NoisyLabels:
         noise = self.noise

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_noise.data._safe_load import safe_torch_load
 from lightning_noise.data.base import (
     DataSplits,
     NoisyLabelDataModule,
@@ -62,6 +63,8 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): np.dtype,
         # Python-3 pickles of bytes at protocol < 3 go through _codecs.encode.
         ("_codecs", "encode"): codecs.encode,
+        # ... and an empty bytes object (e.g. of an empty array) through bytes().
+        ("__builtin__", "bytes"): bytes,
     }
     # The official files were written with numpy 1.x (numpy.core); numpy 2 writes numpy._core.
     for package in ("numpy.core", "numpy._core"):
@@ -92,12 +95,29 @@ class _CifarUnpickler(pickle.Unpickler):
             ) from None
 
 
-def _load_batch(path: Path) -> dict[bytes, Any]:
+def _not_a_batch(path: Path, archive: str, reason: str) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} is not a CIFAR python batch file ({reason}); the file is damaged or of "
+        f"another format: extract it again from {archive} (the python version from "
+        f"{_CIFAR_URL})"
+    )
+
+
+def _load_batch(path: Path, archive: str = "the CIFAR archive") -> dict[bytes, Any]:
+    """The dict of one CIFAR python batch; ``ValueError`` naming ``path`` when it is not one."""
     with path.open("rb") as f:
-        batch = _CifarUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    if not isinstance(batch, dict):
-        raise ValueError(f"{path} is not a CIFAR python batch (got a {type(batch).__name__})")
-    return batch
+        raw = f.read()
+    try:
+        batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as err:  # random bytes raise about anything; all mean "not a batch"
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        if isinstance(err, EOFError) or "truncated" in str(err):
+            reason = f"the file is empty or truncated at {len(raw)} bytes ({reason})"
+    else:
+        if isinstance(batch, dict):
+            return batch
+        reason = f"it holds a {type(batch).__name__}, not a dict"
+    raise _not_a_batch(path, archive, reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +130,7 @@ def _torch_load_safe_globals() -> list[Any]:
     allowed = _numpy_globals()
     out: list[Any] = []
     for (module, name), obj in allowed.items():
-        if module == "_codecs":
+        if module in ("_codecs", "__builtin__"):
             continue  # torch's weights-only unpickler handles bytes itself
         own = f"{getattr(obj, '__module__', module)}.{getattr(obj, '__name__', name)}"
         wanted = f"{module}.{name}"
@@ -135,7 +155,8 @@ def load_cifar_n_labels(path: str | Path) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: when ``path`` does not exist, saying where to get the file.
-        ValueError: when the file is not a dict of label arrays.
+        ValueError: when the file does not load (random bytes, truncated, a foreign object)
+            or is not a dict of label arrays; the message names the file.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -144,12 +165,17 @@ def load_cifar_n_labels(path: str | Path) -> dict[str, Tensor]:
             f"CIFAR-100_human.pt from {_CIFAR_N_URL} (directory data/) and pass its path as "
             "noisy_labels_file"
         )
-    with torch.serialization.safe_globals(_torch_load_safe_globals()):
-        content = torch.load(path, map_location="cpu", weights_only=True)
+    fix = f"download CIFAR-10_human.pt or CIFAR-100_human.pt again from {_CIFAR_N_URL}"
+    content = safe_torch_load(
+        path,
+        what="a CIFAR-N label file (a dict of label arrays)",
+        fix=fix,
+        safe_globals=_torch_load_safe_globals(),
+    )
     if not isinstance(content, dict):
         raise ValueError(
-            f"{path} should hold a dict of label arrays (CIFAR-N format), got "
-            f"{type(content).__name__}"
+            f"{str(path)!r} is not a CIFAR-N label file: it should hold a dict of label arrays, "
+            f"got a {type(content).__name__}; {fix}"
         )
     out: dict[str, Tensor] = {}
     for key, value in content.items():
@@ -290,33 +316,39 @@ class _CIFARDataModule(NoisyLabelDataModule):
     def _read(self, root: Path, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         data, labels = [], []
         for name in names:
-            batch = _load_batch(root / name)
+            path = root / name
+            batch = _load_batch(path, self._archive)
             for key in (b"data", self._label_key):
                 if key not in batch:
                     raise ValueError(
-                        f"{root / name} has no {key!r} entry (keys: {sorted(batch)}); is it a "
-                        f"{self._name} python batch?"
+                        f"{str(path)!r} has no {key!r} entry (keys: {sorted(batch)}); it is not "
+                        f"a {self._name} python batch file: extract it again from "
+                        f"{self._archive} ({_CIFAR_URL})"
                     )
-            array = np.asarray(batch[b"data"], dtype=np.uint8)
-            if array.ndim != 2 or array.shape[1] != 3 * 32 * 32:
+            array = np.asarray(batch[b"data"])
+            if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != 3 * 32 * 32:
                 raise ValueError(
-                    f"{root / name}: data must be uint8 [N, 3072], got shape {array.shape}"
+                    f"{str(path)!r}: data must be uint8 [N, 3072], got {array.dtype} of shape "
+                    f"{array.shape}; extract the file again from {self._archive}"
+                )
+            target = torch.as_tensor(np.asarray(batch[self._label_key], dtype=np.int64))
+            target = target.reshape(-1)
+            if target.shape[0] != array.shape[0]:
+                raise ValueError(
+                    f"{str(path)!r} holds {array.shape[0]} images but {target.shape[0]} labels; "
+                    f"extract the file again from {self._archive}"
+                )
+            bad = (target < 0) | (target >= self._num_classes)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"{str(path)!r} has label {int(target[i])} at index {i}, outside "
+                    f"[0, {self._num_classes}) for {self._name}; is this a {self._name} file "
+                    f"(from {self._archive})?"
                 )
             data.append(torch.from_numpy(array.reshape(-1, 3, 32, 32).copy()))
-            labels.append(torch.as_tensor(np.asarray(batch[self._label_key], dtype=np.int64)))
-        images, targets = torch.cat(data), torch.cat(labels)
-        if images.shape[0] != targets.shape[0]:
-            raise ValueError(
-                f"{self._name} batches in {root} hold {images.shape[0]} images but "
-                f"{targets.shape[0]} labels"
-            )
-        bad = (targets < 0) | (targets >= self._num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{self._name} labels in {root} must lie in [0, {self._num_classes}), got "
-                f"{int(targets[bad][0])}; is this {self._name}?"
-            )
-        return images, targets
+            labels.append(target)
+        return torch.cat(data), torch.cat(labels)
 
     def _read_given(self, pool_targets: Tensor) -> Tensor:
         assert self.noisy_labels_file is not None and self.noisy_label_key is not None
@@ -357,13 +389,22 @@ class _CIFARDataModule(NoisyLabelDataModule):
                 )
         return noisy
 
+    def _empty_split_hint(self, split: str) -> str:
+        if split == "val":
+            return f"val_fraction={self.val_fraction!r} holds out no image; raise it"
+        names = self._train_files if split == "train" else (self._test_file,)
+        return (
+            f"the files {', '.join(names)} in {self.data_dir!r} hold no images; extract them "
+            f"again from {self._archive} ({_CIFAR_URL})"
+        )
+
     def _build_splits(self) -> DataSplits:
         root = self._resolve_root()
         images, targets = self._read(root, self._train_files)
         test_images, test_targets = self._read(root, (self._test_file,))
         meta = root / self._meta_file
         if meta.is_file():
-            names = _load_batch(meta).get(self._names_key)
+            names = _load_batch(meta, self._archive).get(self._names_key)
             if names is not None:
                 self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         given = self._read_given(targets) if self.noise.kind == "given" else None

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import find_classes, pil_loader
 
 from lightning_noise._validate import check_int
 from lightning_noise.data.base import (
@@ -39,13 +39,32 @@ expected one of these layouts (class-named subfolders holding the images):
   {root}/<class>/*.png         (split into train/val/test by val_fraction/test_fraction)"""
 
 
+# At most this many bad files are listed by ``verify_images=True`` (then a count of the rest).
+_MAX_LISTED = 10
+
+
+def _load_image(path: str) -> Any:
+    """PIL's RGB loader; an image that does not decode raises an ``OSError`` naming its path.
+
+    A module-level function so DataLoader workers can pickle it.
+    """
+    try:
+        return pil_loader(path)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        reason = f"{type(err).__name__}: {err}"
+    raise OSError(
+        f"cannot decode image {path!r} ({reason}); replace or remove the file (pass "
+        "verify_images=True to ImageFolderDataModule to list every bad file at setup)"
+    )
+
+
 class _ClassListImageFolder(ImageFolder):
     """``ImageFolder`` that uses a given class list, so val/test indices match train's."""
 
     def __init__(self, root: str, classes: list[str]) -> None:
         self._fixed_classes = list(classes)
         # allow_empty: a val/ or test/ folder may lack some classes.
-        super().__init__(root, allow_empty=True)
+        super().__init__(root, loader=_load_image, allow_empty=True)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
@@ -71,6 +90,13 @@ class ImageFolderDataModule(NoisyLabelDataModule):
     with neither there is no validation. Instance-dependent noise uses 32x32 thumbnails of the
     training images as features (loaded once).
 
+    Bad data is refused at ``setup``: no class folders, no images, an empty split (e.g. an
+    empty ``val/`` folder). Images are decoded only when a batch needs them, so by default a
+    corrupt image is found when it is first loaded, mid-epoch: the error then names its path.
+    ``verify_images=True`` decodes every image of every split once at ``setup`` and reports all
+    bad files at once (their paths, the first 10 listed); it costs one full decode per image,
+    about as long as one epoch's image loading without the transforms.
+
     Args:
         data_dir: the root folder, see the layouts above.
         image_size: side of the served square images.
@@ -79,6 +105,8 @@ class ImageFolderDataModule(NoisyLabelDataModule):
         test_fraction: fraction held out for testing (``None``: 0 when there is no ``test/``
             folder; giving a value while ``test/`` exists is an error).
         augment: random resized crop + horizontal flip on the training split.
+        verify_images: decode every image once at ``setup`` and refuse the data, listing every
+            file that does not decode (default ``False``: a bad file fails when first loaded).
         **kwargs: the shared arguments of
             :class:`~lightning_noise.data.base.NoisyLabelDataModule`: ``noise`` (a
             :class:`~lightning_noise.data.noise.LabelNoise`), ``batch_size``, ``num_workers``,
@@ -94,10 +122,12 @@ class ImageFolderDataModule(NoisyLabelDataModule):
         val_fraction: float | None = None,
         test_fraction: float | None = None,
         augment: bool = True,
+        verify_images: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(val_fraction=val_fraction, augment=augment, **kwargs)
         self.data_dir = str(data_dir)
+        self.verify_images = bool(verify_images)
         self._image_size = check_int("image_size", image_size, minimum=1)
         self.test_fraction = _check_fraction("test_fraction", test_fraction, optional=True)
         self._features: dict[str, Tensor] = {}
@@ -201,7 +231,14 @@ class ImageFolderDataModule(NoisyLabelDataModule):
         folder = self._split_folder(name)
         if folder is None or self._split_folder("train") is None:
             return None
-        extra = sorted(set(find_classes(str(folder))[0]) - set(self.classes))
+        try:
+            names = find_classes(str(folder))[0]
+        except FileNotFoundError:
+            raise ValueError(
+                f"the {name} split of {type(self).__name__} is empty: "
+                f"{self._empty_split_hint(name)}"
+            ) from None
+        extra = sorted(set(names) - set(self.classes))
         if extra:
             raise ValueError(
                 f"{str(folder)!r} has class folders {extra} that train/ lacks; every class must "
@@ -242,6 +279,8 @@ class ImageFolderDataModule(NoisyLabelDataModule):
         train = TransformedSubset(pool, train_idx, pool_targets[train_idx], train_tf)
         val = own("val") or carved(val_idx, eval_tf)
         test = own("test") or carved(test_idx, eval_tf)
+        if self.verify_images:
+            self._verify([pool, *(s[0].dataset for s in (val, test) if s is not None)])
         if self.noise.kind == "instance":
             self._features["train"] = self._thumbnails(pool, train_idx)
             if val is not None:
@@ -254,6 +293,33 @@ class ImageFolderDataModule(NoisyLabelDataModule):
             test=None if test is None else test[0],
             test_targets=None if test is None else test[1],
         )
+
+    @staticmethod
+    def _verify(datasets: list[ImageFolder]) -> None:
+        """Decode every image once; ``ValueError`` listing the files that do not decode."""
+        paths = dict.fromkeys(path for ds in datasets for path, _ in ds.samples)
+        bad: list[str] = []
+        for path in paths:
+            try:
+                pil_loader(path)
+            except Exception as err:
+                bad.append(f"  {path} ({type(err).__name__}: {err})")
+        if bad:
+            more = len(bad) - _MAX_LISTED
+            listed = "\n".join(bad[:_MAX_LISTED]) + (f"\n  ... and {more} more" if more > 0 else "")
+            raise ValueError(
+                f"{len(bad)} of {len(paths)} images do not decode (verify_images=True); replace "
+                f"or remove them:\n{listed}"
+            )
+
+    def _empty_split_hint(self, split: str) -> str:
+        folder = self._split_folder(split) if self._split_folder("train") is not None else None
+        if folder is not None:
+            return (
+                f"{str(folder)!r} holds no images; add images under {split}/<class>/ or remove "
+                "the folder"
+            )
+        return super()._empty_split_hint(split)
 
     @staticmethod
     def _thumbnails(dataset: ImageFolder, indices: Tensor) -> Tensor:

@@ -152,8 +152,123 @@ def test_missing_file_is_named(cifar10_dir: Path) -> None:
 def test_unpickler_refuses_foreign_objects(cifar10_dir: Path) -> None:
     batch = {b"labels": [0] * 20, b"data": images(20), b"extra": collections.OrderedDict()}
     dump_pickle(cifar10_dir / "data_batch_2", batch)
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load collections\.OrderedDict"):
+    with pytest.raises(ValueError, match=r"refusing to load collections\.OrderedDict") as err:
         CIFAR10DataModule(str(cifar10_dir)).setup("fit")
+    assert str(cifar10_dir / "data_batch_2") in str(err.value)
+
+
+# ------------------------------------------------------------------------------ bad files
+def _not_a_batch(err: pytest.ExceptionInfo, path: Path, archive: str) -> str:
+    """The message of a bad batch: it names the file, says what it is not and the fix."""
+    message = str(err.value)
+    assert repr(str(path)) in message
+    assert "is not a CIFAR python batch file" in message
+    assert f"extract it again from {archive}" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__ is False
+    assert err.value.__context__ is None  # no pickle traceback chained underneath
+    return message
+
+
+def test_batch_of_random_bytes_is_named(cifar10_dir: Path) -> None:
+    bad = cifar10_dir / "data_batch_4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError) as err:
+        CIFAR10DataModule(str(cifar10_dir)).setup("fit")
+    _not_a_batch(err, bad, "cifar-10-python.tar.gz")
+
+
+@pytest.mark.parametrize("keep", [0, 1000])
+def test_truncated_batch_is_named(cifar10_dir: Path, keep: int) -> None:
+    bad = cifar10_dir / "test_batch"
+    bad.write_bytes(bad.read_bytes()[:keep])
+    with pytest.raises(ValueError) as err:
+        CIFAR10DataModule(str(cifar10_dir)).setup("fit")
+    message = _not_a_batch(err, bad, "cifar-10-python.tar.gz")
+    assert f"empty or truncated at {keep} bytes" in message
+
+
+def test_bad_meta_file_is_named(tmp_path: Path) -> None:
+    folder = write_cifar100(tmp_path / "cifar-100-python")
+    bad = folder / "meta"
+    bad.write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError) as err:
+        CIFAR100DataModule(str(tmp_path)).setup("fit")
+    _not_a_batch(err, bad, "cifar-100-python.tar.gz")
+
+
+def test_batch_of_another_type_is_named(cifar10_dir: Path) -> None:
+    bad = cifar10_dir / "data_batch_1"
+    bad.write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    with pytest.raises(ValueError) as err:
+        CIFAR10DataModule(str(cifar10_dir)).setup("fit")
+    assert "holds a list, not a dict" in _not_a_batch(err, bad, "cifar-10-python.tar.gz")
+
+
+def test_label_out_of_range_names_the_file(cifar10_dir: Path) -> None:
+    labels = [3] * 20
+    labels[7] = 10
+    dump_pickle(cifar10_dir / "data_batch_5", {b"labels": labels, b"data": images(20)})
+    with pytest.raises(ValueError) as err:
+        CIFAR10DataModule(str(cifar10_dir)).setup("fit")
+    message = str(err.value)
+    assert repr(str(cifar10_dir / "data_batch_5")) in message
+    assert "label 10 at index 7, outside [0, 10)" in message
+
+
+def test_images_and_labels_of_a_batch_must_match(cifar10_dir: Path) -> None:
+    dump_pickle(cifar10_dir / "data_batch_1", {b"labels": [0] * 19, b"data": images(20)})
+    with pytest.raises(ValueError, match="holds 20 images but 19 labels") as err:
+        CIFAR10DataModule(str(cifar10_dir)).setup("fit")
+    assert repr(str(cifar10_dir / "data_batch_1")) in str(err.value)
+
+
+def test_empty_test_batch_names_the_split(cifar10_dir: Path) -> None:
+    empty = {b"labels": [], b"data": np.zeros((0, 3072), dtype=np.uint8)}
+    dump_pickle(cifar10_dir / "test_batch", empty)
+    with pytest.raises(ValueError, match="the test split of CIFAR10DataModule is empty") as err:
+        CIFAR10DataModule(str(cifar10_dir)).setup("fit")
+    assert "test_batch" in str(err.value) and "num_samples" not in str(err.value)
+
+
+def _cifar_n_error(cifar10_dir: Path, path: Path) -> ValueError:
+    dm = CIFAR10DataModule(
+        str(cifar10_dir), noisy_labels_file=str(path), noisy_label_key="aggre_label"
+    )
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert repr(str(path)) in message and "is not a CIFAR-N label file" in message
+    assert "UCSC-REAL/cifar-10-100n" in message  # where to get the file again
+    assert "weights_only" not in message  # never torch's advice to load it unsafely
+    assert err.value.__context__ is None and err.value.__cause__ is None
+    return err.value
+
+
+def test_cifar_n_file_of_random_bytes(cifar10_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "CIFAR-10_human.pt"
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    _cifar_n_error(cifar10_dir, path)
+
+
+def test_cifar_n_file_truncated(cifar10_dir: Path, cifar_n_file) -> None:
+    path, _ = cifar_n_file
+    path.write_bytes(path.read_bytes()[:300])
+    _cifar_n_error(cifar10_dir, path)
+
+
+def test_cifar_n_file_with_foreign_objects(cifar10_dir: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "CIFAR-10_human.pt"
+    torch.save({"aggre_label": train_labels_10(), "x": _RunsCode()}, path)
+    error = _cifar_n_error(cifar10_dir, path)
+    assert "Unsupported global: GLOBAL print" in str(error)  # torch's reason, not its advice
+    assert "code from the file ran" not in capsys.readouterr().out
+
+
+class _RunsCode:
+    """Unpickling this calls ``print``: a stand-in for code hidden in a file."""
+
+    def __reduce__(self):
+        return (print, ("code from the file ran",))
 
 
 # ------------------------------------------------------------------------------ CIFAR-N

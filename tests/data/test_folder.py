@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _formats import IMAGE_CLASSES, write_images
@@ -138,3 +139,69 @@ def test_extra_class_in_val_is_an_error(split_root: Path) -> None:
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ImageFolderDataModule(str(tmp_path), **kwargs)
+
+
+# ------------------------------------------------------------------------------ bad images
+def _corrupt(path: Path, how: str) -> Path:
+    """Spoil an image: random bytes under its name, or its first half only (truncated)."""
+    if how == "random":
+        rng = np.random.default_rng(len(str(path)))
+        path.write_bytes(rng.integers(0, 256, 400, dtype=np.uint8).tobytes())
+    else:
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return path
+
+
+@pytest.mark.parametrize("how", ["random", "truncated"])
+def test_bad_image_at_load_time_names_its_path(split_root: Path, how: str) -> None:
+    bad = _corrupt(split_root / "train" / "dog" / "003.png", how)
+    dm = ImageFolderDataModule(str(split_root), image_size=8, augment=False)
+    dm.setup("fit")  # by default images are not decoded at setup
+    with pytest.raises(OSError, match="cannot decode image") as err:
+        for k in range(len(dm.train_dataset)):
+            dm.train_dataset[k]
+    assert repr(str(bad)) in str(err.value) and "verify_images=True" in str(err.value)
+    with pytest.raises(OSError, match="cannot decode image") as err:
+        for _ in dm.train_dataloader():
+            pass
+    assert str(bad) in str(err.value)
+
+
+def test_verify_images_lists_every_bad_file_at_setup(split_root: Path) -> None:
+    bad = [
+        _corrupt(split_root / "train" / c / f"{k:03d}.png", "random")
+        for c in CLASSES
+        for k in range(4)
+    ]
+    bad.append(_corrupt(split_root / "val" / "fox" / "001.png", "truncated"))
+    dm = ImageFolderDataModule(str(split_root), image_size=8, verify_images=True)
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert "13 of 26 images do not decode" in message
+    listed = [path for path in bad if str(path) in message]
+    assert listed == bad[:10]  # the first 10 in scan order
+    assert "... and 3 more" in message
+
+
+def test_verify_images_passes_good_data_and_is_off_by_default(split_root: Path) -> None:
+    dm = ImageFolderDataModule(str(split_root), image_size=8, verify_images=True)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 18
+    _corrupt(split_root / "test" / "cat" / "000.png", "random")
+    ImageFolderDataModule(str(split_root), image_size=8).setup("fit")  # no decode at setup
+    with pytest.raises(ValueError, match=r"1 of 26 images do not decode(?s:.*)test/cat/000\.png"):
+        ImageFolderDataModule(str(split_root), image_size=8, verify_images=True).setup("fit")
+
+
+@pytest.mark.parametrize("layout", ["empty class folders", "no class folders"])
+def test_empty_val_folder_names_the_folder(split_root: Path, layout: str) -> None:
+    for image in (split_root / "val").rglob("*.png"):
+        image.unlink()
+    if layout == "no class folders":
+        for folder in (split_root / "val").iterdir():
+            folder.rmdir()
+    with pytest.raises(ValueError, match="the val split of ImageFolderDataModule is empty") as err:
+        ImageFolderDataModule(str(split_root), image_size=8).setup("fit")
+    assert repr(str(split_root / "val")) in str(err.value)
+    assert "num_samples" not in str(err.value)
