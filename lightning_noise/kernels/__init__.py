@@ -11,8 +11,11 @@ Each takes ``impl="auto" | "triton" | "torch"``: ``"auto"`` runs Triton on CUDA 
 on the CPU when ``TRITON_INTERPRET=1`` asks for Triton's interpreter), PyTorch otherwise.
 :data:`LAUNCHES` counts the Triton launches per kernel. :class:`FusedSoftmax` and
 :class:`FusedCrossEntropyLoss` are drop-in modules (what the ``KernelSwap`` callback swaps in).
+Every backward is differentiable once: a second derivative (``create_graph=True`` then a
+second ``grad``) raises :class:`DoubleBackwardError`; use plain PyTorch ops for those.
 """
 
+from lightning_noise.kernels._autograd import DoubleBackwardError
 from lightning_noise.kernels._dispatch import (
     IMPLS,
     LAUNCHES,
@@ -33,6 +36,7 @@ __all__ = [
     "IMPLS",
     "LAUNCHES",
     "CrossEntropyFunction",
+    "DoubleBackwardError",
     "FusedCrossEntropyLoss",
     "FusedSoftmax",
     "LinearCrossEntropyFunction",

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_noise._validate import check_choice, check_number
+from lightning_noise._validate import check_choice, check_int, check_number
 
 __all__ = [
     "REDUCTIONS",
@@ -36,6 +36,11 @@ def check_logits_target(logits: Tensor, target: Tensor, ignore_index: int) -> No
         )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError(
+            f"logits have no classes: the last (class) dimension of shape "
+            f"{tuple(logits.shape)} is 0"
+        )
     check_target(target, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
 
 
@@ -50,6 +55,7 @@ def check_target(
     ``ignore_index``) with ``shape`` on ``device``."""
     if not isinstance(target, Tensor):
         raise TypeError("target must be a tensor")
+    check_int("ignore_index", ignore_index)
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
         raise ValueError(
             f"target must hold integer class indices, got {target.dtype}; for soft targets "

@@ -146,7 +146,9 @@ def ce_forward(
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         block_max = tl.max(x, axis=1)
-        block_arg = tl.argmax(x, axis=1).to(tl.int32) + start
+        # NaN read as -inf for the arg-max only (the loss stays NaN): the interpreter's argmax
+        # (NumPy's nanargmax) fails on an all-NaN block.
+        block_arg = tl.argmax(tl.where(x == x, x, float("-inf")), axis=1).to(tl.int32) + start
         # Strictly greater: the first maximum wins, like torch.max.
         amax = tl.where(block_max > m, block_arg, amax)
         m_new = tl.maximum(m, block_max)
@@ -163,8 +165,12 @@ def ce_forward(
     lse = m + log_d
     mean = total / n_cols
     # Differences to the maximum first: exact for logits of magnitude 1e4.
-    loss = (1.0 - eps) * (m - x_y.to(tl.float32)) + eps * (m - mean) + log_d
-    loss += alpha * (m - mean) + zl * lse * lse
+    # A term whose weight is 0 is left out, not multiplied by 0: with a -inf logit (mean -inf)
+    # or an lse that overflows, 0 * inf would make a finite or +inf loss NaN.
+    loss = (1.0 - eps) * (m - x_y.to(tl.float32)) + tl.where(eps > 0.0, eps * (m - mean), 0.0)
+    loss += log_d
+    loss += tl.where(alpha > 0.0, alpha * (m - mean), 0.0)
+    loss += tl.where(zl > 0.0, zl * lse * lse, 0.0)
     tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=row_ok)
     tl.store(LSE + rows, lse, mask=row_ok)
     tl.store(AMAX + rows, amax, mask=row_ok)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_noise.kernels import _triton
+from lightning_noise.kernels._autograd import differentiable_once
 from lightning_noise.kernels._checks import check_logits_target, check_number, check_reduction
 from lightning_noise.kernels._dispatch import resolve_impl
 
@@ -54,8 +55,16 @@ def _torch_forward(
         log_d = (xc - m[:, None]).exp().sum(dim=1).log()
         x_y = xc.gather(1, torch.where(valid, t, 0).long()[:, None]).squeeze(1)
         mean = xc.mean(dim=1)
-        row = (1 - eps) * (m - x_y) + eps * (m - mean) + log_d + alpha * (m - mean)
-        row = row + zl * (m + log_d) ** 2
+        # A term whose weight is 0 is left out, not multiplied by 0: with a -inf logit (mean
+        # -inf) or an lse that overflows, 0 * inf would make a finite or +inf loss NaN.
+        row = (1 - eps) * (m - x_y)
+        if eps:
+            row = row + eps * (m - mean)
+        row = row + log_d
+        if alpha:
+            row = row + alpha * (m - mean)
+        if zl:
+            row = row + zl * (m + log_d) ** 2
         loss[lo : lo + step] = torch.where(valid, row, 0.0)
         lse[lo : lo + step] = m + log_d
         amax[lo : lo + step] = arg.int()
@@ -140,6 +149,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @differentiable_once("cross_entropy", "torch.nn.functional.cross_entropy")
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         logits, target, lse, amax = ctx.saved_tensors
         grad = None
@@ -174,7 +184,7 @@ def reduce_rows(
 
 def _as_rows(logits: Tensor) -> Tensor:
     """``[M, C]`` view of classes-last ``logits`` (a copy only when the classes are strided)."""
-    rows = logits.reshape(-1, logits.shape[-1])
+    rows = logits.reshape(logits.shape[:-1].numel(), logits.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_noise.kernels._autograd import differentiable_once
 from lightning_noise.kernels._checks import check_target
 from lightning_noise.kernels._dispatch import resolve_impl
 from lightning_noise.kernels.cross_entropy import (
@@ -33,6 +34,8 @@ from lightning_noise.kernels.cross_entropy import (
 )
 
 __all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -72,6 +75,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @differentiable_once(
+        "linear_cross_entropy",
+        "torch.nn.functional.cross_entropy(hidden @ weight.T + bias, target)",
+    )
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, target, lse, amax = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -117,7 +124,7 @@ def linear_cross_entropy(
     """Cross-entropy of ``hidden @ weight.T + bias`` without storing those logits.
 
     Args:
-        hidden: ``[N, H]`` or ``[N, ..., H]`` features.
+        hidden: ``[N, H]`` or ``[N, ..., H]`` features, float32, bfloat16 or float16.
         weight: ``[V, H]`` classifier weight (an ``nn.Linear``'s ``weight``).
         target: Class indices of shape ``hidden.shape[:-1]``.
         bias: Optional ``[V]`` bias.
@@ -141,6 +148,14 @@ def linear_cross_entropy(
             f"hidden must be [N, ..., H] and weight [V, H] with the same H; got hidden "
             f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}"
         )
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    if weight.device != hidden.device or (bias is not None and bias.device != hidden.device):
+        raise ValueError(
+            f"hidden ({hidden.device}), weight ({weight.device}) and bias must be on one device"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has no classes: its shape is {tuple(weight.shape)} (V = 0)")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
@@ -148,10 +163,12 @@ def linear_cross_entropy(
             f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share a dtype; "
             "cast them (or run under autocast, which casts before the call)"
         )
+    if hidden.dtype not in _DTYPES:
+        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     vocab = weight.shape[0]
     check_target(target, hidden.shape[:-1], vocab, ignore_index, hidden.device)
     eps, alpha, zl, reduction = check_options(label_smoothing, maxsup_alpha, z_loss, reduction)
-    rows = hidden.reshape(-1, hidden.shape[-1])
+    rows = hidden.reshape(hidden.shape[:-1].numel(), hidden.shape[-1])
     flat_target = target.reshape(-1).contiguous()
     n = rows.shape[0]
     if chunk_size is None:

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_noise._validate import is_int
 from lightning_noise.kernels import _triton
+from lightning_noise.kernels._autograd import differentiable_once
 from lightning_noise.kernels._dispatch import resolve_impl
 
 __all__ = ["SoftmaxFunction", "softmax"]
@@ -32,6 +34,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @differentiable_once("softmax", "softmax(..., impl='torch'), which is torch.softmax")
     def backward(ctx: Any, dy: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
@@ -55,10 +58,12 @@ def softmax(x: Tensor, dim: int = -1, *, impl: str = "auto") -> Tensor:
         )
     if x.dim() == 0:
         raise ValueError("softmax needs at least one dimension")
-    dim = dim + x.dim() if dim < 0 else dim
+    if not is_int(dim):
+        raise TypeError(f"dim must be an integer, got {dim!r}")
+    dim = int(dim) + x.dim() if dim < 0 else int(dim)
     if not 0 <= dim < x.dim():
         raise ValueError(f"dim={dim} is out of range for a tensor of {x.dim()} dimensions")
-    if resolve_impl(impl, x) == "torch":
+    if resolve_impl(impl, x) == "torch" or x.numel() == 0:  # nothing to launch for no element
         return torch.softmax(x, dim=dim)
     moved = x.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1])

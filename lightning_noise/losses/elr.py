@@ -83,7 +83,8 @@ class ELRLoss(nn.Module):
     Call it as ``loss(logits, target, index=index)`` in training; ``index`` holds each
     entry's position in the training set and has ``target``'s shape. Without ``index``
     (e.g. validation) it is plain cross-entropy, which is what the official code validates
-    with; in training mode ``index`` is required.
+    with; in training mode ``index`` is required. A sample whose prediction is not finite
+    (NaN/inf logits) gets a NaN loss but keeps its target: the table never records it.
 
     Example:
         >>> loss = ELRLoss(beta=0.7, lam=3.0, num_samples=4)
@@ -209,7 +210,11 @@ class ELRLoss(nn.Module):
         last[order[:-1]] = sorted_idx[1:] != sorted_idx[:-1]
         all_idx, all_probs = all_idx[last], all_probs[last].to(self._targets.device)
         all_idx = all_idx.to(self._targets.device)
-        self._targets[all_idx] = elr_update(self._targets[all_idx], all_probs, self.beta)
+        # A sample whose prediction is not finite (NaN/inf logits) keeps its target: one bad
+        # step must not poison its moving average for the rest of training (issue 13).
+        old = self._targets[all_idx]
+        finite = torch.isfinite(all_probs).all(dim=1, keepdim=True)
+        self._targets[all_idx] = torch.where(finite, elr_update(old, all_probs, self.beta), old)
 
     # ---------------------------------------------------------------- state
     def get_extra_state(self) -> Any:

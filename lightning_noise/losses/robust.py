@@ -64,6 +64,11 @@ def _rce(flat: Tensor, y: Tensor, log_zero: float) -> Tensor:
 
 
 def _nce(flat: Tensor, y: Tensor) -> Tensor:
+    if flat.shape[-1] < 2:
+        raise ValueError(
+            "the normalized cross-entropy needs at least 2 classes: with one class "
+            f"-log p_y / -sum_k log p_k is 0 / 0 (logits have {flat.shape[-1]} class)"
+        )
     log_p = flat.log_softmax(dim=-1)
     return log_p.gather(1, y[:, None]).squeeze(1) / log_p.sum(dim=-1)
 

@@ -124,8 +124,9 @@ def maxsup_cross_entropy(
         )
     flat, y, valid = flatten(logits, target, ignore_index)
     nll = F.cross_entropy(flat, y, reduction="none")
-    penalty = flat.max(dim=-1).values - flat.mean(dim=-1)
-    loss = nll + alpha * penalty
+    loss = nll
+    if alpha:  # left out at 0, not multiplied by it: a -inf logit makes the penalty inf
+        loss = loss + alpha * (flat.max(dim=-1).values - flat.mean(dim=-1))
     if z_loss:
         loss = loss + z_loss * z_loss_term(flat)
     return reduce(loss, valid, reduction, target.shape)
@@ -136,6 +137,8 @@ def _use_kernel(impl: str, logits: Tensor) -> bool:
     cannot run), ``"auto"`` when :func:`~lightning_noise.kernels.resolve_impl` picks Triton
     for these logits and their dtype is one the kernel takes, ``"torch"`` never (the code
     here, which also takes float64)."""
+    if not isinstance(logits, Tensor):
+        return False  # the checks of the PyTorch code say what is wrong
     if impl == "auto" and logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     return kernels.resolve_impl(impl, logits) == "triton"
