@@ -25,7 +25,9 @@ def _short_trainer(monkeypatch) -> None:
     original = pl.Trainer.__init__
 
     def init(self, *args, **kwargs):
-        kwargs["max_epochs"] = min(kwargs.get("max_epochs") or 2, 2)
+        asked = kwargs.get("max_epochs")
+        # At most 2 epochs; -1 and None (unbounded, e.g. Late Stopping's examples) too.
+        kwargs["max_epochs"] = 2 if asked is None or asked < 0 else min(asked, 2)
         kwargs.pop("max_steps", None)
         kwargs.update(
             limit_train_batches=2,

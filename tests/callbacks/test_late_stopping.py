@@ -24,12 +24,14 @@ import torch
 from _trainers import ddp_trainer, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
 import lightning_noise.callbacks.late_stopping as late_stopping_module
 from lightning_noise.callbacks import LateStopping
 from lightning_noise.callbacks.late_stopping import fkl_selection, round_schedule
-from lightning_noise.data import DigitsDataModule, LabelNoise
+from lightning_noise.data import DigitsDataModule, Indexed, LabelNoise
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
+from lightning_noise.mixins import PerSampleLossMixin
 from lightning_noise.models import ImageClassifier
 from lightning_noise.types import SampleBatch, find_callback
 
@@ -431,3 +433,58 @@ def test_ddp_ranks_agree_and_load_only_the_kept_set(tmp_path) -> None:
 
 if __name__ == "__main__":
     ddp_main(sys.argv[1])
+
+
+# ---------------------------------------------- a user's own DataModule, no set_train_indices
+class _UserData(pl.LightningDataModule):
+    """A plain DataModule written as a user would: Indexed TensorDataset, shuffled loader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        centres = torch.randn(4, 6, generator=g) * 3
+        y = torch.randint(0, 4, (96,), generator=g)
+        x = centres[y] + torch.randn(96, 6, generator=g)
+        y[:20] = (y[:20] + 1) % 4  # some wrong labels
+        self.train_set = Indexed(torch.utils.data.TensorDataset(x, y))
+        self.requests = 0
+
+    def train_dataloader(self):
+        self.requests += 1
+        return torch.utils.data.DataLoader(self.train_set, batch_size=16, shuffle=True)
+
+
+class _UserNet(PerSampleLossMixin, pl.LightningModule):
+    """A user's module: the mixin and reduce_loss / step_outputs, nothing else of ours."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.loaded: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        self.loaded.setdefault(self.current_epoch, []).extend(index.tolist())
+        logits = self.net(x)
+        losses = nn.functional.cross_entropy(logits, y, reduction="none")
+        sample_batch = SampleBatch.create(index, y, logits, losses)
+        return self.step_outputs(self.reduce_loss(losses, sample_batch), sample_batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def test_a_users_datamodule_without_set_train_indices_is_restricted(tmp_path) -> None:
+    data, net = _UserData(), _UserNet()
+    late = LateStopping(rate=0.9, rounds_per_k=(1,), warmup_epochs=0, final_epochs=2)
+    trainer = make_trainer(tmp_path, [TrainingDynamics(k=1), late], max_epochs=-1)
+    trainer.fit(net, datamodule=data)
+    assert late.finished and late.kept is not None
+    kept = sorted(late.kept.tolist())
+    assert len(kept) == int(late.rounds[-1]["kept"]) >= int(96 * 0.9)
+    final_epochs = sorted(net.loaded)[-2:]
+    for epoch in final_epochs:  # the final run loads exactly the kept set, once per epoch
+        assert sorted(net.loaded[epoch]) == kept
+    assert sorted(net.loaded[0]) == list(range(96))  # the first round loads everything
+    assert data.requests >= 2  # rebuilt after the round
+    assert "train_dataloader" not in vars(data)  # the wrapper is removed after fit
