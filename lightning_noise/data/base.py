@@ -21,6 +21,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from lightning_noise._validate import check_int, check_number
 from lightning_noise.data.noise import NOISE_TYPES, LabelNoise, NoisyLabels, _as_label_noise
@@ -172,6 +174,23 @@ class TensorImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
+
+
+class ResumableSampler(StatefulDistributedSampler):
+    """The training order of a DataModule: a function of (seed, epoch), resumable mid-epoch.
+
+    torchdata's ``StatefulDistributedSampler`` remembers how many samples of the epoch it has
+    yielded; this one also remembers the epoch, so that a loader restored from a checkpoint
+    taken in the middle of an epoch skips into *that* epoch's order (a fresh sampler would
+    start from epoch 0's order until Lightning sets the epoch, after the skip).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.set_epoch(int(state_dict.get("epoch", self.epoch)))
 
 
 class TransformedSubset(Dataset):
@@ -516,7 +535,7 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         # epoch counter. So the order of an epoch depends only on (seed, epoch): a resumed run
         # sees exactly the batches the uninterrupted run would have seen, and the DDP shards
         # are deterministic and disjoint (up to the padding that evens out the shard sizes).
-        return DistributedSampler(
+        return ResumableSampler(
             self.train_dataset if dataset is None else dataset,
             num_replicas=num_replicas,
             rank=rank,
@@ -526,7 +545,11 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, *, sampler: Any = None, train: bool) -> DataLoader:
-        return DataLoader(
+        # Training loaders are stateful (torchdata): Lightning saves their position in every
+        # checkpoint, so a run resumed from the middle of an epoch continues with the next
+        # batch of the same order instead of restarting the epoch.
+        loader_class = StatefulDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             shuffle=False,

@@ -54,7 +54,8 @@ def restrict_loader(loader: Any, indices: Tensor | None) -> Any:
         )
     shuffle = isinstance(loader.sampler, RandomSampler)
     workers = loader.num_workers
-    return DataLoader(
+    # The same loader class: a torchdata StatefulDataLoader stays resumable mid-epoch.
+    return type(loader)(
         Subset(loader.dataset, indices.long().tolist()),
         batch_size=loader.batch_size,
         shuffle=shuffle,

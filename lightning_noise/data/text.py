@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_noise._validate import check_int
 
@@ -130,7 +131,10 @@ class AdditionDataModule(pl.LightningDataModule):
 
     def _loader(self, split: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        # The shuffled training loader is stateful (torchdata): a checkpoint holds its
+        # position and the generator's state, so a mid-epoch resume continues exactly.
+        loader_class = StatefulDataLoader if shuffle else DataLoader
+        return loader_class(
             self._splits[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
