@@ -44,6 +44,7 @@ from lightning_noise.callbacks import (
     LabelAudit,
     LateStopping,
     NoiseFiT,
+    NonFiniteGuard,
     SamplePolicyCallback,
     SmallLossSelection,
 )
@@ -246,6 +247,7 @@ FACTORIES: dict[str, Callable[[Path], L.Callback]] = {
     "ASAM": lambda tmp: ASAM(rho=0.5),
     "FSAM": lambda tmp: FSAM(rho=0.05, keep_ratio=0.5, mask_interval=4),
     "GradientNoise": lambda tmp: GradientNoise(eta=0.01),
+    "NonFiniteGuard": lambda tmp: NonFiniteGuard(max_consecutive=3),
 }
 #: The order in which a user lists them: TrainingDynamics before its readers, SAM before
 #: GradientNoise (``test_user_order_respects_every_order_rule`` checks it against RULES).

@@ -5,6 +5,7 @@ from lightning_noise.callbacks.kernels import KernelSwap
 from lightning_noise.callbacks.label_audit import LabelAudit
 from lightning_noise.callbacks.late_stopping import LateStopping
 from lightning_noise.callbacks.noisefit import NoiseFiT
+from lightning_noise.callbacks.nonfinite import NonFiniteGuard
 from lightning_noise.callbacks.policy import SamplePolicyCallback
 from lightning_noise.callbacks.sam import ASAM, FSAM, SAM
 from lightning_noise.callbacks.sample_selection import AdaptiveK, SmallLossSelection
@@ -19,6 +20,7 @@ __all__ = [
     "LabelAudit",
     "LateStopping",
     "NoiseFiT",
+    "NonFiniteGuard",
     "SamplePolicyCallback",
     "SmallLossSelection",
 ]

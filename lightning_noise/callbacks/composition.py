@@ -60,6 +60,13 @@ RULES: tuple[Rule, ...] = (
         "SAM replaces the gradient, so noise added before it would be lost",
     ),
     Rule(
+        "SAM",
+        "NonFiniteGuard",
+        "order",
+        "changes gradients in on_before_optimizer_step before",
+        "the guard must check the gradient SAM computes, the one the optimizer applies",
+    ),
+    Rule(
         "LateStopping",
         "TrainingDynamics",
         "needs",
@@ -89,6 +96,7 @@ class Need:
 #: involved, with an error that shows the code to add).
 NEEDS: tuple[Need, ...] = (
     Need("GradientNoise", "any module (automatic optimization)", "any"),
+    Need("NonFiniteGuard", "any module (automatic optimization)", "any"),
     Need(
         "SAM, ASAM, FSAM",
         "any module (automatic optimization, `accumulate_grad_batches=1`)",

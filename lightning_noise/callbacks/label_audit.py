@@ -267,6 +267,14 @@ class LabelAudit(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_results()
         dynamics = find_callback(trainer, TrainingDynamics, needed_by=type(self).__name__)
+        if dynamics.nonfinite_observations:
+            raise RuntimeError(
+                f"LabelAudit will not write a report from this run: "
+                f"{dynamics.nonfinite_observations} sample observations had a non-finite loss "
+                "or logits, so the per-sample statistics describe a broken run. Find the cause "
+                "(NaN/inf inputs, a diverging learning rate; NonFiniteGuard skips such steps and "
+                "says when) and train again"
+            )
         store = dynamics.store
         n = store.num_samples
         self.scores = suspicion_scores(store, self.score, k=dynamics.k)

@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -73,6 +74,8 @@ class TrainingDynamics(Callback):
         self.k = check_int("k", k, minimum=1)
         self.num_samples = check_int("num_samples", num_samples, minimum=0, optional=True)
         self.store = DynamicsStore(num_samples or 0)
+        #: Sample observations dropped because their loss or logits were not finite.
+        self.nonfinite_observations = 0
 
     @property
     def state_key(self) -> str:
@@ -125,6 +128,19 @@ class TrainingDynamics(Callback):
         if stats is None or stats.shape[0] == 0:
             return  # the step was skipped (training_step returned None) on every rank
         index, correct, loss, margin = stats.cpu().unbind(dim=1)
+        finite = torch.isfinite(loss) & torch.isfinite(margin)
+        if not bool(finite.all()):
+            # A NaN/inf loss or logit is no statistic: such an observation is not recorded
+            # (its prediction, an arg-max over NaN, would read as class 0), only counted.
+            dropped = int((~finite).sum())
+            if self.nonfinite_observations == 0:
+                rank_zero_warn(
+                    f"TrainingDynamics: {dropped} samples had a non-finite loss or logits at "
+                    f"global step {trainer.global_step}; they are not recorded (counted in "
+                    "nonfinite_observations; this warning is shown once)"
+                )
+            self.nonfinite_observations += dropped
+            index, correct, loss, margin = (t[finite] for t in (index, correct, loss, margin))
         self.store.record(index.long(), correct.bool(), loss, margin, trainer.current_epoch)
 
     @staticmethod
@@ -187,11 +203,16 @@ class TrainingDynamics(Callback):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "store": self.store.state_dict()}
+        return {
+            "k": self.k,
+            "store": self.store.state_dict(),
+            "nonfinite_observations": self.nonfinite_observations,
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.k = int(state_dict.get("k", self.k))
         self.store.load_state_dict(state_dict["store"])
+        self.nonfinite_observations = int(state_dict.get("nonfinite_observations", 0))
 
     # --------------------------------------------------------- passthroughs
     def first_learned_epoch(self, k: int | None = None, *, since: int = 0) -> Tensor:
