@@ -46,7 +46,6 @@ import torch
 from common import append_results, device_name
 from torch import nn
 
-from lightning_noise.types import find_callback
 from lightning_noise.callbacks import SAM, LabelAudit, LateStopping, SmallLossSelection
 from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import TrainingDynamics
@@ -60,6 +59,7 @@ from lightning_noise.losses import (
     SymmetricCrossEntropy,
 )
 from lightning_noise.models import CoTeachingClassifier, ImageClassifier
+from lightning_noise.types import find_callback
 
 
 @dataclass(frozen=True)
