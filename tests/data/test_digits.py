@@ -249,7 +249,7 @@ class _IndexRecorder(pl.LightningModule):
 
 @pytest.mark.ddp
 def test_lightning_ddp_keeps_our_sampler(tmp_path: Path) -> None:
-    """Under DDP Lightning keeps the DistributedSampler and calls set_epoch on it."""
+    """Under DDP Lightning keeps our ResumableSampler (a DistributedSampler) and calls set_epoch on it."""
     dm = DigitsDataModule(image_size=8, channels=1, seed=3)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -265,7 +265,7 @@ def test_lightning_ddp_keeps_our_sampler(tmp_path: Path) -> None:
     trainer.fit(_IndexRecorder(str(tmp_path)), dm)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for rank, got in enumerate(ranks):
-        assert (got["type"], got["replicas"], got["seed"]) == ("DistributedSampler", 2, 3)
+        assert (got["type"], got["replicas"], got["seed"]) == ("ResumableSampler", 2, 3)
         for epoch in (0, 1):
             expected = dm._train_sampler(2, rank)
             expected.set_epoch(epoch)

@@ -93,7 +93,7 @@ def test_reaches_90_percent_on_clean_digits(tmp_path) -> None:
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
     )
     trainer = pl.Trainer(
-        max_epochs=8,
+        max_epochs=14,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
