@@ -249,7 +249,7 @@ class _IndexRecorder(pl.LightningModule):
 
 @pytest.mark.ddp
 def test_lightning_ddp_keeps_our_sampler(tmp_path: Path) -> None:
-    """Under DDP Lightning keeps our ResumableSampler (a DistributedSampler) and calls set_epoch on it."""
+    """Under DDP Lightning keeps our ResumableSampler (a DistributedSampler) and calls set_epoch."""
     dm = DigitsDataModule(image_size=8, channels=1, seed=3)
     trainer = pl.Trainer(
         accelerator="cpu",
