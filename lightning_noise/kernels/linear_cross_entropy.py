@@ -12,11 +12,20 @@ more ``hidden @ weight.T`` than the naive head.
 
 By default a chunk holds ``ceil(N * H / V)`` rows (at least 1), so a chunk of logits is no
 larger than ``hidden`` itself (the chunking rule of Liger Kernel's fused linear
-cross-entropy). ``grad_weight`` accumulates across chunks in ``weight``'s dtype.
+cross-entropy). ``grad_weight`` and ``grad_bias`` are sums over all chunks: they accumulate in
+float32 and are cast to the parameters' dtype once at the end (summing many chunks in bfloat16
+would lose digits at every addition).
+
+The logits are computed in one dtype, forward and backward alike, so that the recomputed
+logits are the ones whose ``lse`` forward stored. Outside autocast that is the inputs' shared
+dtype. Under autocast (Lightning's ``bf16-mixed``, ``16-mixed``) it is the autocast dtype:
+``hidden``, ``weight`` and ``bias`` are cast to it, as ``F.linear`` would cast them, and the
+gradients come back in each input's own dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -48,8 +57,52 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addmm(bias, hidden, weight.t())
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on ``device``, or ``None`` when autocast is
+    off there (or does not know the device type)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast has no dispatch key for, such as "meta"
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device``'s type: our own casts decide every dtype inside."""
+    if _autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype:
+    """The dtype the logits are computed in (see the module docstring), or a ``ValueError``."""
+    named = [("hidden", hidden), ("weight", weight), ("bias", bias)]
+    dtype = _autocast_dtype(hidden.device)
+    if dtype is None and any(t is not None and t.dtype != hidden.dtype for _, t in named):
+        got = ", ".join(f"{name} {t.dtype}" for name, t in named if t is not None)
+        raise ValueError(
+            f"hidden, weight and bias must share a dtype outside autocast, got {got}. Cast "
+            "them to one dtype (for example hidden.to(weight.dtype)), or call under "
+            f"torch.autocast({hidden.device.type!r}, dtype=...), which computes the logits "
+            "in the autocast dtype"
+        )
+    for name, t in named:
+        if t is not None and t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    return hidden.dtype if dtype is None else dtype
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-row fused loss of ``hidden [n, h] @ weight [v, h].T + bias`` against ``[n]``."""
+    """Per-row fused loss of ``hidden [n, h] @ weight [v, h].T + bias`` against ``[n]``.
+
+    ``dtype`` is the dtype the logits are computed in, forward and backward: ``hidden``,
+    ``weight`` and ``bias`` are cast to it (autocast itself is switched off inside), and the
+    gradients come back in each input's own dtype.
+    """
 
     @staticmethod
     def forward(
@@ -60,17 +113,22 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         target: Tensor,
         chunk: int,
         options: tuple[int, float, float, float, str],
+        dtype: torch.dtype,
     ) -> Tensor:
         n = hidden.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(loss)
         amax = torch.empty(n, dtype=torch.int32, device=hidden.device)
-        for lo, hi in _chunks(n, chunk):
-            logits = _logits(hidden[lo:hi], weight, bias)
-            loss[lo:hi], lse[lo:hi], amax[lo:hi] = rows_forward(logits, target[lo:hi], *options)
-            del logits
+        with _without_autocast(hidden.device):
+            h, w, b = _cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype)
+            for lo, hi in _chunks(n, chunk):
+                logits = _logits(h[lo:hi], w, b)
+                loss[lo:hi], lse[lo:hi], amax[lo:hi] = rows_forward(logits, target[lo:hi], *options)
+                del logits
+        # The inputs are saved as given and cast again in backward: a cast copy of the weight
+        # (as large as the weight) is not held from forward to backward.
         ctx.save_for_backward(hidden, weight, bias, target, lse, amax)
-        ctx.chunk, ctx.options = chunk, options
+        ctx.chunk, ctx.options, ctx.dtype = chunk, options, dtype
         ctx.mark_non_differentiable(lse, amax)
         return loss
 
@@ -83,28 +141,40 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         hidden, weight, bias, target, lse, amax = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_loss = grad_loss.contiguous()
+        acc = torch.float32  # the sums over chunks: see the module docstring
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
-        for lo, hi in _chunks(hidden.shape[0], ctx.chunk):
-            logits = _logits(hidden[lo:hi], weight, bias)
-            g = rows_backward(
-                logits,
-                target[lo:hi],
-                lse[lo:hi],
-                amax[lo:hi],
-                grad_loss[lo:hi],
-                *ctx.options,
-                out=logits,  # the chunk's gradient replaces its logits: no second buffer
-            )
-            if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[lo:hi])
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), hidden[lo:hi])
-            if grad_b is not None:
-                grad_b += g.sum(dim=0).to(grad_b.dtype)
-            del logits, g
-        return grad_h, grad_w, grad_b, None, None, None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = None
+        if need_b and bias is not None:
+            grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        # The same casts as forward, autocast off as there: the same logits, so that the lse
+        # stored forward normalises them exactly.
+        with _without_autocast(hidden.device):
+            h, w, b = _cast(hidden, ctx.dtype), _cast(weight, ctx.dtype), _cast(bias, ctx.dtype)
+            for lo, hi in _chunks(hidden.shape[0], ctx.chunk):
+                logits = _logits(h[lo:hi], w, b)
+                g = rows_backward(
+                    logits,
+                    target[lo:hi],
+                    lse[lo:hi],
+                    amax[lo:hi],
+                    grad_loss[lo:hi],
+                    *ctx.options,
+                    out=logits,  # the chunk's gradient replaces its logits: no second buffer
+                )
+                if grad_h is not None:
+                    grad_h[lo:hi] = g @ w  # cast to hidden's dtype on assignment
+                if grad_w is not None:
+                    if g.dtype == acc:
+                        grad_w.addmm_(g.t(), h[lo:hi])
+                    else:  # the chunk's product rounded once, then summed in float32
+                        grad_w += g.t() @ h[lo:hi]
+                if grad_b is not None:
+                    grad_b += g.sum(dim=0, dtype=acc)
+                del logits, g
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -125,7 +195,9 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``[N, H]`` or ``[N, ..., H]`` features, float32, bfloat16 or float16.
-        weight: ``[V, H]`` classifier weight (an ``nn.Linear``'s ``weight``).
+        weight: ``[V, H]`` classifier weight (an ``nn.Linear``'s ``weight``). Outside
+            autocast ``hidden``, ``weight`` and ``bias`` must share a dtype; under autocast
+            they may differ and the logits are computed in the autocast dtype.
         target: Class indices of shape ``hidden.shape[:-1]``.
         bias: Optional ``[V]`` bias.
         ignore_index, label_smoothing, maxsup_alpha, z_loss, reduction, impl: As in
@@ -158,13 +230,7 @@ def linear_cross_entropy(
         raise ValueError(f"weight has no classes: its shape is {tuple(weight.shape)} (V = 0)")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError(
-            f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share a dtype; "
-            "cast them (or run under autocast, which casts before the call)"
-        )
-    if hidden.dtype not in _DTYPES:
-        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    dtype = _compute_dtype(hidden, weight, bias)
     vocab = weight.shape[0]
     check_target(target, hidden.shape[:-1], vocab, ignore_index, hidden.device)
     eps, alpha, zl, reduction = check_options(label_smoothing, maxsup_alpha, z_loss, reduction)
@@ -178,6 +244,6 @@ def linear_cross_entropy(
     chosen = resolve_impl(impl, hidden)
     options = (int(ignore_index), eps, alpha, zl, chosen)
     loss = LinearCrossEntropyFunction.apply(
-        rows, weight, bias, flat_target, max(1, chunk_size), options
+        rows, weight, bias, flat_target, max(1, chunk_size), options, dtype
     )
     return reduce_rows(loss, flat_target, ignore_index, reduction, target.shape)
