@@ -5,10 +5,15 @@ interpreted), so ``TRITON_INTERPRET`` may be set any time before the first call.
 on a GPU, blocks of up to 4096 float32 (8192 16-bit) columns and enough rows per program to
 fill a tile of about 4096 elements; in the interpreter, which pays per program rather than
 per element, tiles of up to 65536 elements.
+
+Triton launches a kernel on the current CUDA device, not on the device of its arguments, so
+every launch runs under :func:`on_device` of its input: a tensor on a GPU other than the
+current one is then computed on its own GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -16,7 +21,7 @@ from torch import Tensor
 
 from lightning_noise.kernels._dispatch import LAUNCHES, interpreting
 
-__all__ = ["ce_backward", "ce_forward", "softmax_backward", "softmax_forward"]
+__all__ = ["ce_backward", "ce_forward", "on_device", "softmax_backward", "softmax_forward"]
 
 
 @functools.cache
@@ -26,6 +31,15 @@ def _jit(name: str, interpret: bool):  # the mode is only part of the cache key
     from lightning_noise.kernels import _triton_kernels
 
     return triton.jit(getattr(_triton_kernels, name))
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device (it makes that GPU current for the
+    launch, and restores the previous one after); a context that does nothing elsewhere (the
+    CPU, where the interpreter runs)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _kernel(name: str):
@@ -62,9 +76,10 @@ def softmax_forward(x: Tensor) -> Tensor:
     if n == 0:
         return y
     block_r, block_c, warps = _tiles(n, c, x.dtype)
-    _kernel("softmax_forward")[_grid(n, block_r)](
-        x, y, n, c, x.stride(0), y.stride(0), block_r, block_c, block_c >= c, num_warps=warps
-    )
+    with on_device(x.device):
+        _kernel("softmax_forward")[_grid(n, block_r)](
+            x, y, n, c, x.stride(0), y.stride(0), block_r, block_c, block_c >= c, num_warps=warps
+        )
     return y
 
 
@@ -74,20 +89,21 @@ def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
     if n == 0:
         return dx
     block_r, block_c, warps = _tiles(n, c, y.dtype)
-    _kernel("softmax_backward")[_grid(n, block_r)](
-        y,
-        dy,
-        dx,
-        n,
-        c,
-        y.stride(0),
-        dy.stride(0),
-        dx.stride(0),
-        block_r,
-        block_c,
-        block_c >= c,
-        num_warps=warps,
-    )
+    with on_device(y.device):
+        _kernel("softmax_backward")[_grid(n, block_r)](
+            y,
+            dy,
+            dx,
+            n,
+            c,
+            y.stride(0),
+            dy.stride(0),
+            dx.stride(0),
+            block_r,
+            block_c,
+            block_c >= c,
+            num_warps=warps,
+        )
     return dx
 
 
@@ -102,23 +118,24 @@ def ce_forward(
     if n == 0:
         return loss, lse, amax
     block_r, block_c, warps = _tiles(n, c, x.dtype)
-    _kernel("ce_forward")[_grid(n, block_r)](
-        x,
-        target,
-        loss,
-        lse,
-        amax,
-        n,
-        c,
-        x.stride(0),
-        ignore_index,
-        eps,
-        alpha,
-        zl,
-        block_r,
-        block_c,
-        num_warps=warps,
-    )
+    with on_device(x.device):
+        _kernel("ce_forward")[_grid(n, block_r)](
+            x,
+            target,
+            loss,
+            lse,
+            amax,
+            n,
+            c,
+            x.stride(0),
+            ignore_index,
+            eps,
+            alpha,
+            zl,
+            block_r,
+            block_c,
+            num_warps=warps,
+        )
     return loss, lse, amax
 
 
@@ -141,23 +158,24 @@ def ce_backward(
     if n == 0:
         return dx
     block_r, block_c, warps = _tiles(n, c, x.dtype)
-    _kernel("ce_backward")[_grid(n, block_r)](
-        x,
-        target,
-        lse,
-        amax,
-        grad_rows,
-        dx,
-        n,
-        c,
-        x.stride(0),
-        dx.stride(0),
-        ignore_index,
-        eps,
-        alpha,
-        zl,
-        block_r,
-        block_c,
-        num_warps=warps,
-    )
+    with on_device(x.device):
+        _kernel("ce_backward")[_grid(n, block_r)](
+            x,
+            target,
+            lse,
+            amax,
+            grad_rows,
+            dx,
+            n,
+            c,
+            x.stride(0),
+            dx.stride(0),
+            ignore_index,
+            eps,
+            alpha,
+            zl,
+            block_r,
+            block_c,
+            num_warps=warps,
+        )
     return dx

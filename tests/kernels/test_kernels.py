@@ -250,6 +250,39 @@ def test_non_contiguous_logits_and_untouched_input(interpret) -> None:
         assert torch.equal(x.detach(), before)  # the logits are never overwritten
 
 
+def test_every_launch_runs_on_its_inputs_device(interpret, monkeypatch) -> None:
+    """Triton launches on the current CUDA device, not on its arguments' device, so each launch
+    must first make its input's device current (else a tensor on a second GPU is read from the
+    first). There is no GPU here: this checks the two halves that can be checked on the CPU.
+    Every launch asks ``on_device`` for its input's device, and ``on_device`` gives
+    ``torch.cuda.device`` of a CUDA device (index kept; nothing is initialised until it is
+    entered) and a context that does nothing on the CPU."""
+    import contextlib
+
+    from lightning_noise.kernels import _triton
+
+    asked: list[torch.device] = []
+    real = _triton.on_device
+
+    def spy(device: torch.device):
+        asked.append(device)
+        return real(device)
+
+    monkeypatch.setattr(_triton, "on_device", spy)
+    x = torch.randn(6, 9, requires_grad=True)
+    y = torch.tensor([0, 3, 8, 2, 1, 5])
+    before = sum(LAUNCHES.values())
+    with launched("ce_forward", "ce_backward", "softmax_forward", "softmax_backward"):
+        cross_entropy(x, y, impl="triton").backward()
+        softmax(x, impl="triton").sum().backward()
+    assert sum(LAUNCHES.values()) - before == 4
+    assert asked == [x.device] * 4
+
+    assert isinstance(real(torch.device("cpu")), contextlib.nullcontext)
+    guard = real(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
 def test_dispatch_and_errors(monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
