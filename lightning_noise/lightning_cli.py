@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,38 @@ def print_recipes() -> None:
     print(f"\nrun one: lightning-noise run <name> [--key=value overrides]  ({recipes_dir()})")
 
 
+#: ``ckpt_path`` values that Lightning resolves itself (not file paths).
+_CKPT_KEYWORDS = frozenset({"last", "best", "hpc", "registry"})
+
+
+def check_checkpoint_file(ckpt_path: str | Path) -> None:
+    """Refuse a ``--ckpt_path`` that is missing or not a checkpoint, naming the file and the fix.
+
+    Lightning would hand the file to ``torch.load``, whose error for a damaged file advises
+    loading it with ``weights_only=False`` (which runs whatever code the file holds). Every
+    checkpoint Lightning writes is a zip archive (``torch.save``'s format since torch 1.6); a
+    file that is not one, or is cut short (the archive's directory is at its end), is refused
+    here before anything is built.
+    """
+    if str(ckpt_path) in _CKPT_KEYWORDS or str(ckpt_path).startswith("registry:"):
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path {str(path)!r} not found: give the path of a checkpoint file (a run's "
+            "checkpoints/last.ckpt) or 'last' to resume from the checkpoint callback's last save"
+        )
+    if not zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        raise ValueError(
+            f"--ckpt_path {str(path)!r} ({size} bytes) is not a Lightning checkpoint: it is not "
+            "the zip archive torch.save writes, so it is damaged (cut short while being written "
+            "or copied) or another kind of file. Resume from an earlier checkpoint of the run "
+            "(its checkpoints/ folder keeps the last save and the top-k); never load a file you "
+            "do not trust with weights_only=False."
+        )
+
+
 class LightningNoiseCLI(LightningCLI):
     """LightningCLI with the DataModule's ``num_classes``/``in_chans`` linked to the model."""
 
@@ -92,6 +125,15 @@ class LightningNoiseCLI(LightningCLI):
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before LightningCLI loads it for its hparams."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path is not None:
+            check_checkpoint_file(ckpt_path)
 
     def before_fit(self) -> None:
         """Give W&B the whole resolved config (what ``--print_config`` shows)."""

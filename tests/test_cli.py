@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_noise.cli import LightningNoiseCLI, build_cli, main
 from lightning_noise.dynamics import TrainingDynamics
@@ -47,6 +48,32 @@ def test_fit_then_test_from_checkpoint(tmp_path) -> None:
     ckpts = sorted(tmp_path.rglob("*.ckpt"))
     assert ckpts, "fit wrote no checkpoint"
     main(["test", *_args(tmp_path), f"--ckpt_path={ckpts[-1]}"])
+
+
+def test_fit_resumes_from_last_and_refuses_a_damaged_checkpoint(tmp_path) -> None:
+    """A recipe's checkpoint callback keeps last.ckpt; a cut-short or random file is refused.
+
+    The refusal names the file and the fix, never torch's advice to load with
+    ``weights_only=False``; a good checkpoint resumes (``fit`` on from where it stopped).
+    """
+    main(["fit", *_args(tmp_path)])
+    (last,) = tmp_path.rglob("last.ckpt")
+    good = last.read_bytes()
+    damaged = {"random.ckpt": bytes(range(256)) * 64, "cut.ckpt": good[: len(good) // 2]}
+    for name, data in damaged.items():
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match="is not a Lightning checkpoint") as info:
+            main(["fit", *_args(tmp_path), f"--ckpt_path={bad}"])
+        assert name in str(info.value) and "earlier checkpoint" in str(info.value)
+        assert "Re-running" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.ckpt"):
+        main(["fit", *_args(tmp_path), f"--ckpt_path={tmp_path / 'nowhere.ckpt'}"])
+    main(["fit", *_args(tmp_path), "--trainer.max_epochs=2", f"--ckpt_path={last}"])
+    newest = max(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert newest != last
+    resumed = torch.load(newest, map_location="cpu", weights_only=False)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 4  # 2 batches an epoch
 
 
 def test_every_recipe_parses() -> None:
