@@ -17,12 +17,16 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "at_last_train_batch",
     "attached_trainer",
     "can_reload_train_dataloader",
+    "checkpoint_as_epoch_finished",
     "mark_step_non_finite",
     "metrics_restored",
     "optimizer_unscales_itself",
     "reload_train_dataloader",
+    "saved_as_epoch_finished",
+    "start_epoch_as_new",
 ]
 
 
@@ -30,6 +34,69 @@ def attached_trainer(module: Any) -> Any:
     """The Trainer a LightningModule is attached to, or ``None`` (``module.trainer`` raises
     outside a fit instead of returning ``None``)."""
     return getattr(module, "_trainer", None)
+
+
+def at_last_train_batch(trainer: Any) -> bool:
+    """Whether the training batch now running is the last of its epoch.
+
+    Read from the fit loop's batch progress (``is_last_batch`` is set before the batch runs;
+    ``current.ready`` counts the batches of this epoch so far).
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return bool(progress.is_last_batch) or progress.current.ready >= trainer.num_training_batches
+
+
+def checkpoint_as_epoch_finished(checkpoint: dict[str, Any]) -> None:
+    """Rewrite a checkpoint saved in ``on_train_epoch_end`` as one saved after that epoch.
+
+    Lightning (2.4-2.6) resumes a checkpoint saved in ``on_train_epoch_end`` by running the
+    epoch's end again (the epoch's LR scheduler step and ``on_train_epoch_end`` hooks) and
+    then gives the next epoch's sampler an epoch number one too high; a resumable training
+    loader restored there is also at the end of its iteration. After this rewrite the fit
+    loop's state says the epoch is complete (``completed = processed``), the epoch loop's
+    per-epoch counters are at zero, and no loader state is kept: at an epoch boundary the
+    loader's position says nothing, and the next epoch starts its order afresh from
+    ``(seed, epoch)``. Lightning then resumes at the next epoch's start, as a run that never
+    stopped goes on.
+    """
+    fit = checkpoint["loops"]["fit_loop"]
+    for counters in fit["epoch_progress"].values():
+        counters["completed"] = counters["processed"]
+    for key, value in fit.items():
+        if key.startswith("epoch_loop.") and not key.startswith("epoch_loop.val_loop."):
+            _zero_current(value)
+    fit["epoch_loop.batch_progress"]["is_last_batch"] = False
+    fit["state_dict"].pop("combined_loader", None)
+    checkpoint[_EPOCH_FINISHED] = True
+
+
+#: Set in a checkpoint rewritten by :func:`checkpoint_as_epoch_finished`.
+_EPOCH_FINISHED = "lightning_noise_epoch_finished"
+
+
+def saved_as_epoch_finished(checkpoint: dict[str, Any]) -> bool:
+    """Whether :func:`checkpoint_as_epoch_finished` wrote this checkpoint."""
+    return bool(checkpoint.get(_EPOCH_FINISHED, False))
+
+
+def start_epoch_as_new(trainer: Any) -> None:
+    """Run the epoch now starting as a fresh one, not as the rest of a restored one.
+
+    For a run resumed from a :func:`checkpoint_as_epoch_finished` checkpoint, called at the
+    first ``on_train_epoch_start``: without it the epoch loop, still marked as restarting,
+    takes the restored "last batch done" counters for a validation it must skip and counts
+    one batch more for the loggers' step.
+    """
+    trainer.fit_loop.epoch_loop.restarting = False
+
+
+def _zero_current(state: Any) -> None:
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key == "current" and isinstance(value, dict):
+                state[key] = {name: 0 for name in value}
+            else:
+                _zero_current(value)
 
 
 def can_reload_train_dataloader(trainer: Any) -> bool:

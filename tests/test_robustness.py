@@ -31,7 +31,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
             "--channels=1",
             "--backbone=test_resnet",
             "--epochs=20",
-            "--final-epochs=10",
+            "--final-epochs=15",  # the benchmark's default (10 left the last epoch at 0.39 here)
             f"--root={tmp_path_factory.mktemp('robustness')}",
         ]
     )

@@ -1,5 +1,6 @@
 """Callbacks a user adds to an existing Trainer: one method a file."""
 
+from lightning_noise.callbacks.checkpoint import ResumableCheckpoint
 from lightning_noise.callbacks.gradient_noise import GradientNoise
 from lightning_noise.callbacks.kernels import KernelSwap
 from lightning_noise.callbacks.label_audit import LabelAudit
@@ -21,6 +22,7 @@ __all__ = [
     "LateStopping",
     "NoiseFiT",
     "NonFiniteGuard",
+    "ResumableCheckpoint",
     "SamplePolicyCallback",
     "SmallLossSelection",
 ]
