@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric, SumMetric
 
 from lightning_noise._compat import (
+    at_last_train_batch,
     attached_trainer,
     can_reload_train_dataloader,
     mark_step_non_finite,
@@ -118,3 +119,55 @@ def test_metrics_restored_puts_state_count_and_cached_result_back() -> None:
 @pytest.mark.parametrize("bad", [None, object()])
 def test_can_reload_is_false_without_a_fit_loop(bad) -> None:
     assert can_reload_train_dataloader(bad) is False
+
+
+class _EpochEnds(pl.Callback):
+    def __init__(self) -> None:
+        self.last_batch: list[bool] = []
+        self.epoch_ends: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.last_batch.append(at_last_train_batch(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_ends.append(trainer.current_epoch)
+
+
+def test_at_last_train_batch_marks_each_epochs_last_batch() -> None:
+    seen = _EpochEnds()
+    _trainer([seen]).fit(_Module(), datamodule=_Data())
+    assert seen.last_batch == [False, True] * 3
+
+
+def test_a_checkpoint_rewritten_as_a_finished_epoch_resumes_at_the_next_epoch(tmp_path) -> None:
+    """checkpoint_as_epoch_finished, saved_as_epoch_finished and start_epoch_as_new, through
+    ResumableCheckpoint: the epoch's end runs once, and the loop counters go on as unbroken."""
+    from lightning_noise.callbacks import ResumableCheckpoint
+
+    def run(max_epochs, ckpt_path=None, folder="other"):
+        torch.manual_seed(0)
+        seen = _EpochEnds()
+        saver = ResumableCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            callbacks=[seen, saver],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        module = _Module()
+        trainer.fit(module, datamodule=_Data(), ckpt_path=ckpt_path)
+        return module, trainer, seen
+
+    straight, trainer, seen = run(3)
+    _, _, first = run(1, folder="ckpt")
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert checkpoint["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 1
+    resumed, again, rest = run(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert first.epoch_ends + rest.epoch_ends == seen.epoch_ends == [0, 1, 2]
+    assert again.fit_loop.epoch_loop._batches_that_stepped == 6
+    assert again.fit_loop.epoch_loop._batches_that_stepped == (
+        trainer.fit_loop.epoch_loop._batches_that_stepped
+    )
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
