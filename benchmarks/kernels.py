@@ -5,17 +5,21 @@ On a CUDA GPU, for N = 8192 rows and C in {1000, 32000, 128256} (bfloat16 by def
 times forward + backward of
 
 * cross-entropy: ours (Triton), PyTorch eager ``F.cross_entropy``, ``torch.compile`` of it,
-  and Liger Kernel's ``LigerCrossEntropyFunction`` when ``liger_kernel`` is installed;
+  and Liger Kernel's ``LigerCrossEntropyLoss`` when ``liger_kernel`` is installed;
 * softmax: ours against ``torch.softmax`` (eager and compiled);
 * the head + loss at C = V: ``linear_cross_entropy`` against ``F.cross_entropy(h @ W.T)``,
 
 and prints each one's median time, peak memory above the inputs, and the achieved bandwidth
 as a fraction of the device's copy bandwidth measured in the same run (``clone`` of a 1 GiB
-tensor: 2 bytes moved per byte). The bytes counted are the least any implementation must move,
-the same for every provider: for cross-entropy, the logits read once forward and once
-backward and their gradient written (3 N C elements; Liger Kernel also moves 3: two reads and
-an in-place write, all in forward); for softmax, x read and y written forward, y and dy read
-and dx written backward (5 N C).
+tensor: 2 bytes moved per byte). Each timed run starts with the inputs' ``.grad`` cleared
+(outside the timing), so every backward writes one fresh gradient rather than adding into the
+last one. The bytes counted for cross-entropy are the logits read once forward and once
+backward and their gradient written (3 N C elements), which is what our kernels move and the
+least any implementation must move (Liger Kernel also moves 3: two reads and an in-place write,
+all in forward). For softmax, ours counts what our kernels move: 5 N C when a row fits in one
+block (x read and y written forward; y and dy read and dx written backward), 8 N C when it
+does not (x read twice forward, y and dy read twice backward); the other providers are
+counted at the least, 5 N C.
 
 On the CPU (no GPU): the kernels' PyTorch path is checked against PyTorch on a few shapes (and
 the Triton path too when ``TRITON_INTERPRET=1``), and the peak memory of forward + backward of
@@ -35,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from common import append_results, device_name
 
-from lightning_noise.kernels import cross_entropy, linear_cross_entropy, softmax
+from lightning_noise.kernels import _triton, cross_entropy, linear_cross_entropy, softmax
 
 GiB = 1 << 30
 
@@ -52,19 +57,34 @@ GiB = 1 << 30
 # ------------------------------------------------------------------------------- GPU side
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after 3 warm-ups (CUDA events)."""
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], repeats: int, reset: Callable[[], None]) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after 3 warm-ups (CUDA events on a GPU,
+    the wall clock elsewhere). ``reset`` runs before every run, outside the timed region: it
+    clears the inputs' ``.grad``, so that no run adds its gradient into the last one's."""
     for _ in range(3):
+        reset()
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        reset()
+        if torch.cuda.is_available():
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start_s)
     return statistics.median(times)
 
 
@@ -80,16 +100,20 @@ def _peak(fn: Callable[[], object]) -> int:
 
 def copy_bandwidth(repeats: int) -> float:
     x = torch.empty(GiB // 4, dtype=torch.float32, device="cuda")
-    seconds = _time(lambda: x.clone(), repeats)
+    seconds = _time(lambda: x.clone(), repeats, reset=lambda: None)
     return 2 * x.numel() * 4 / seconds
 
 
-def _liger():
+def _liger() -> type[torch.nn.Module] | None:
+    """Liger Kernel's public cross-entropy module class, or ``None`` when it is not installed.
+    The module calls ``LigerCrossEntropyFunction.apply`` with the arguments of its own version
+    (that function's positional arguments changed across releases; it now takes ``weight``
+    third)."""
     try:
-        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+        from liger_kernel.transformers import LigerCrossEntropyLoss
     except ImportError:
         return None
-    return LigerCrossEntropyFunction
+    return LigerCrossEntropyLoss
 
 
 HEADER = f"{'case':<34}{'ms':>9}{'peak MiB':>10}{'of copy bw':>11}{'vs eager':>9}"
@@ -98,22 +122,23 @@ HEADER = f"{'case':<34}{'ms':>9}{'peak MiB':>10}{'of copy bw':>11}{'vs eager':>9
 def _report(
     providers: dict[str, Callable[[], object]],
     *,
-    nbytes: int,
+    nbytes: dict[str, int],
     bw: float,
     case: str,
     repeats: int,
     reset: Callable[[], None],
 ) -> list[tuple[str, str, float]]:
-    """Time and peak memory of each provider; the first one named "torch eager" is 1x."""
+    """Time and peak memory of each provider; the first one named "torch eager" is 1x.
+    ``nbytes`` gives each provider's bytes moved (see the module docstring)."""
     rows: list[tuple[str, str, float]] = []
     eager_ms = None
     for name, fn in providers.items():
-        seconds = _time(fn, repeats)
+        seconds = _time(fn, repeats, reset)
         reset()
         peak = _peak(fn)
         reset()
         eager_ms = seconds * 1e3 if name == "torch eager" else eager_ms
-        frac = nbytes / seconds / bw
+        frac = nbytes[name] / seconds / bw
         ratio = "" if eager_ms is None else f"{eager_ms / (seconds * 1e3):>8.2f}x"
         print(f"{name:<34}{seconds * 1e3:>9.3f}{peak / 2**20:>10.0f}{frac:>11.2f}{ratio}")
         rows += [
@@ -124,51 +149,71 @@ def _report(
     return rows
 
 
-def _bench_losses(x: torch.Tensor, y: torch.Tensor, args, bw: float, compiled) -> list:
-    n, c = x.shape
-    elem = x.element_size()
+def softmax_bytes(n: int, c: int, dtype: torch.dtype) -> int:
+    """Bytes our softmax kernels move, forward + backward, for ``[n, c]`` on a GPU: 5 n c
+    elements when a row fits in one block of columns, 8 n c when it does not (the forward
+    reads x twice, the backward reads y and dy twice)."""
+    _, block_c, _ = _triton._tiles(n, c, dtype, interpret=False)
+    return (5 if block_c >= c else 8) * n * c * dtype.itemsize
 
-    def reset() -> None:
-        x.grad = None
 
-    providers: dict[str, Callable[[], object]] = {
+def loss_providers(
+    x: torch.Tensor, y: torch.Tensor, compiled: dict[str, Callable]
+) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]], Callable]:
+    """The cross-entropy and softmax providers on the logits ``x``, and the ``reset`` that
+    clears every input's ``.grad`` (and restores Liger's copy of the logits) between runs."""
+    dy = torch.randn_like(x)
+    losses: dict[str, Callable[[], object]] = {
         "ours": lambda: cross_entropy(x, y, impl="triton").backward(),
         "torch eager": lambda: F.cross_entropy(x, y).backward(),
         "torch.compile": lambda: compiled["ce"](x, y).backward(),
     }
-    liger = _liger()
-    if liger is not None:
-        # Liger writes the gradient into its input in place: it gets its own copy of the
-        # logits so that it cannot corrupt the other providers' input.
-        x_liger = x.detach().clone().requires_grad_()
-
-        def run_liger() -> None:
-            out = liger.apply(x_liger, y)
-            (out[0] if isinstance(out, tuple) else out).backward()
-
-        providers["liger"] = run_liger
-    print(f"\ncross-entropy N={n} C={c}\n{HEADER}")
-    case = f"cross_entropy/N{n}/C{c}/{args.dtype}"
-    rows = _report(
-        providers, nbytes=3 * n * c * elem, bw=bw, case=case, repeats=args.repeats, reset=reset
-    )
-    dy = torch.randn_like(x)
-    print(f"\nsoftmax N={n} C={c}\n{HEADER}")
-    providers = {
+    softmaxes: dict[str, Callable[[], object]] = {
         "ours": lambda: softmax(x, impl="triton").backward(dy),
         "torch eager": lambda: torch.softmax(x, -1).backward(dy),
         "torch.compile": lambda: compiled["softmax"](x, -1).backward(dy),
     }
+    inputs = [x]
+    liger = _liger()
+    if liger is not None:
+        # Liger writes the gradient into its input in place: it gets its own copy of the
+        # logits, restored before every run, so that it always reads logits and cannot
+        # corrupt the other providers' input.
+        x_liger = x.detach().clone().requires_grad_()
+        liger_loss = liger()
+        losses["liger"] = lambda: liger_loss(x_liger, y).backward()
+        inputs.append(x_liger)
+
+    def reset() -> None:
+        for t in inputs:
+            t.grad = None
+        if liger is not None:
+            with torch.no_grad():
+                x_liger.copy_(x)
+
+    return losses, softmaxes, reset
+
+
+def _bench_losses(x: torch.Tensor, y: torch.Tensor, args, bw: float, compiled) -> list:
+    n, c = x.shape
+    elem = x.element_size()
+    losses, softmaxes, reset = loss_providers(x, y, compiled)
+    print(f"\ncross-entropy N={n} C={c}\n{HEADER}")
+    case = f"cross_entropy/N{n}/C{c}/{args.dtype}"
+    nbytes = dict.fromkeys(losses, 3 * n * c * elem)
+    rows = _report(losses, nbytes=nbytes, bw=bw, case=case, repeats=args.repeats, reset=reset)
+    print(f"\nsoftmax N={n} C={c}\n{HEADER}")
     case = f"softmax/N{n}/C{c}/{args.dtype}"
-    rows += _report(
-        providers, nbytes=5 * n * c * elem, bw=bw, case=case, repeats=args.repeats, reset=reset
-    )
+    nbytes = dict.fromkeys(softmaxes, 5 * n * c * elem)
+    nbytes["ours"] = softmax_bytes(n, c, x.dtype)
+    rows += _report(softmaxes, nbytes=nbytes, bw=bw, case=case, repeats=args.repeats, reset=reset)
     return rows
 
 
-def _bench_head(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, args, bw: float) -> list:
-    n, hdim = h.shape
-    vocab = w.shape[0]
+def head_providers(
+    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
+    """The head + loss providers and the ``reset`` that clears ``h.grad`` and ``w.grad``."""
 
     def reset() -> None:
         h.grad = w.grad = None
@@ -177,12 +222,19 @@ def _bench_head(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, args, bw: flo
         "linear_cross_entropy": lambda: linear_cross_entropy(h, w, y, impl="triton").backward(),
         "naive head + F.cross_entropy": lambda: F.cross_entropy(h @ w.T, y).backward(),
     }
+    return providers, reset
+
+
+def _bench_head(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, args, bw: float) -> list:
+    n, hdim = h.shape
+    vocab = w.shape[0]
+    providers, reset = head_providers(h, w, y)
     print(f"\nhead + loss N={n} H={hdim} V={vocab} (bandwidth column: logits-sized traffic)")
     print(HEADER)
     case = f"linear_cross_entropy/N{n}/H{hdim}/V{vocab}/{args.dtype}"
     rows = _report(
         providers,
-        nbytes=3 * n * vocab * h.element_size(),
+        nbytes=dict.fromkeys(providers, 3 * n * vocab * h.element_size()),
         bw=bw,
         case=case,
         repeats=max(3, args.repeats // 4),

@@ -51,9 +51,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _tiles(n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_C, num_warps)`` for a ``[n_rows, n_cols]`` matrix."""
-    if interpreting():
+def _tiles(
+    n_rows: int, n_cols: int, dtype: torch.dtype, *, interpret: bool | None = None
+) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, num_warps)`` for a ``[n_rows, n_cols]`` matrix, in the interpreter
+    or compiled (``interpret=None``: as :func:`interpreting` says; the benchmark asks for the
+    compiled tiles to count the bytes a GPU moves)."""
+    if interpreting() if interpret is None else interpret:
         block_c = min(_next_pow2(n_cols), 8192)
         block_r = max(1, min(_next_pow2(n_rows), 65536 // block_c))
         return block_r, block_c, 4

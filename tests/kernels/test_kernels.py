@@ -502,9 +502,8 @@ def test_interpreter_set_after_triton_import_fails_clearly() -> None:
     assert "before Python starts" in done.stdout
 
 
-def test_cpu_benchmark_checks_and_measures_memory() -> None:
-    """benchmarks/kernels.py on the CPU: correctness rows within float32 error, and the head +
-    loss's peak memory measured below the naive one's (a memory ratio, never a time)."""
+def _benchmark_module():
+    """``benchmarks/kernels.py`` loaded as a module (it is a script, not a package)."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -514,7 +513,13 @@ def test_cpu_benchmark_checks_and_measures_memory() -> None:
     spec = importlib.util.spec_from_file_location("bench_kernels", folder / "kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
 
+
+def test_cpu_benchmark_checks_and_measures_memory() -> None:
+    """benchmarks/kernels.py on the CPU: correctness rows within float32 error, and the head +
+    loss's peak memory measured below the naive one's (a memory ratio, never a time)."""
+    bench = _benchmark_module()
     rows = bench.main(
         ["--no-record", "--cpu-rows", "1024", "--cpu-hidden", "64", "--cpu-vocab", "16000"]
     )
@@ -522,3 +527,65 @@ def test_cpu_benchmark_checks_and_measures_memory() -> None:
     assert diffs and max(diffs) < 1e-5
     (ratio,) = [value for case, metric, value in rows if metric == "peak_ratio"]
     assert ratio < 0.5
+
+
+def test_benchmark_times_each_run_from_a_cleared_gradient(interpret, monkeypatch) -> None:
+    """The GPU benchmark's timed loop (run here on the CPU, wall clock) clears every input's
+    ``.grad`` before each run, outside the timing: after warm-ups and repeats the gradient is
+    one backward's, not the sum of five (each extra sum is one more ``N x C`` read and write
+    in the timed region). Liger (a stand-in here; it is not installed) gets its own logits,
+    restored before each run because Liger overwrites them with their gradient. The softmax
+    bytes are what our kernels move: 8 N C for rows wider than one block, 5 N C otherwise."""
+    import sys
+    import types
+
+    class FakeLigerLoss(torch.nn.Module):
+        logits: torch.Tensor
+        calls: list[tuple[bool, bool]] = []
+
+        def forward(self, x, y):
+            self.calls.append((x.grad is None, torch.equal(x.detach(), self.logits)))
+            loss = F.cross_entropy(x, y)
+            with torch.no_grad():
+                x.zero_()  # as Liger writes the gradient over its input
+            return loss
+
+    package = types.ModuleType("liger_kernel")
+    module = types.ModuleType("liger_kernel.transformers")
+    module.LigerCrossEntropyLoss = FakeLigerLoss
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    bench = _benchmark_module()
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 40, generator=gen, requires_grad=True)
+    y = torch.randint(0, 40, (16,), generator=gen)
+    FakeLigerLoss.logits = x.detach().clone()
+    plain = {"ce": F.cross_entropy, "softmax": torch.softmax}
+    losses, softmaxes, reset = bench.loss_providers(x, y, plain)
+    assert set(losses) == {"ours", "torch eager", "torch.compile", "liger"}
+    bench._time(losses.pop("liger"), 2, reset)  # its gradient goes to its own logits
+    assert FakeLigerLoss.calls == [(True, True)] * 5  # 3 warm-ups + 2 timed runs
+    for fn in (*losses.values(), *softmaxes.values()):
+        reset()
+        fn()
+        once = x.grad.clone()
+        bench._time(fn, 2, reset)
+        torch.testing.assert_close(x.grad, once)
+
+    h = torch.randn(12, 8, generator=gen, requires_grad=True)
+    w = torch.randn(30, 8, generator=gen, requires_grad=True)
+    providers, reset = bench.head_providers(h, w, torch.randint(0, 30, (12,), generator=gen))
+    for fn in providers.values():
+        reset()
+        fn()
+        once = (h.grad.clone(), w.grad.clone())
+        bench._time(fn, 2, reset)
+        torch.testing.assert_close((h.grad, w.grad), once)
+
+    n = 8192
+    assert bench.softmax_bytes(n, 1000, torch.bfloat16) == 5 * n * 1000 * 2
+    assert bench.softmax_bytes(n, 8192, torch.bfloat16) == 5 * n * 8192 * 2
+    assert bench.softmax_bytes(n, 32000, torch.bfloat16) == 8 * n * 32000 * 2
+    assert bench.softmax_bytes(n, 4096, torch.float32) == 5 * n * 4096 * 4
+    assert bench.softmax_bytes(n, 4097, torch.float32) == 8 * n * 4097 * 4
