@@ -151,3 +151,49 @@ def metrics_restored(module: nn.Module) -> Iterator[None]:
                 setattr(metric, key, value)
             metric._update_count = count
             metric._computed = computed
+
+
+def assert_on_device(condition: Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the one-element bool ``condition`` is true, without
+    a host synchronisation on an accelerator.
+
+    On the CPU the check runs at once (its value is already on the host: no queue to stall) and
+    raises ``ValueError``. On CUDA it is ``torch._assert_async``: a device-side assert queued
+    behind the kernels that compute ``condition``; when it fails the process sees a CUDA error
+    naming a device-side assert at its next synchronisation (the CUDA context is then unusable,
+    as with torch's own index checks), so bad input still stops training, only later.
+    """
+    if condition.device.type == "cpu":
+        # The CPU's value is read here: torch._assert_async would read it the same way.
+        try:
+            torch._assert_async(condition, message)
+        except RuntimeError as error:
+            raise ValueError(message) from error
+    else:
+        torch._assert_async(condition, message)
+
+
+def unscale_grads_marking_non_finite(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
+) -> None:
+    """Divide the optimizer's gradients by the grad scaler's scale in place and record a
+    non-finite result in the scaler's record of this step, all on the device (no host sync).
+
+    For a second backward after ``scaler.unscale_(optimizer)`` already ran on this step (the
+    scaler allows one ``unscale_`` a step): it uses the same fused op as ``unscale_``
+    (``torch._amp_foreach_non_finite_check_and_unscale_``), which only ever sets the record to
+    "non-finite", so a step already marked stays marked; ``scaler.step`` then skips the
+    optimizer and ``scaler.update`` lowers the scale.
+    """
+    found_per_device = scaler._found_inf_per_device(optimizer)
+    inv_scale = scaler._scale.double().reciprocal().float()
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for (device, _), grads in groups.items():
+        found = found_per_device.get(device)
+        if found is None:  # a device unscale_ saw no gradient on: start its record now
+            found = found_per_device[device] = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(device))

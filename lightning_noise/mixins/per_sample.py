@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_noise._compat import attached_trainer
+from lightning_noise._compat import assert_on_device, attached_trainer
 from lightning_noise.types import SampleBatch, SamplePolicy, find_callbacks
 
 __all__ = ["CapturedCrossEntropy", "PerSampleLossMixin"]
@@ -152,11 +152,12 @@ class PerSampleLossMixin:
                     f"{type(policy).__name__}.sample_weights returned shape {tuple(w.shape)}; "
                     f"it must return one weight per sample, shape {tuple(weights.shape)}"
                 )
-            if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-                raise ValueError(
-                    f"{type(policy).__name__}.sample_weights returned negative or non-finite "
-                    "weights; weights must be finite and >= 0 (0 removes a sample)"
-                )
+            # On the device (no host sync on an accelerator; one fused check per policy).
+            assert_on_device(
+                ((w >= 0) & torch.isfinite(w)).all(),
+                f"{type(policy).__name__}.sample_weights returned negative or non-finite "
+                "weights; weights must be finite and >= 0 (0 removes a sample)",
+            )
             weights = weights * w
         return weights
 
