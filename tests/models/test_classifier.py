@@ -83,17 +83,21 @@ def test_memorisation_metrics_against_hand_count() -> None:
 
 
 def test_reaches_90_percent_on_clean_digits(tmp_path) -> None:
-    """The issue's bar: at least 90% test accuracy on clean digits."""
+    """The issue's bar: at least 90% test accuracy on clean digits.
+
+    test_resnet at 8 px on one channel with the recipes' SGD (the robustness benchmark's
+    size): 8 epochs. Measured here: 0.933 after 6 epochs, 0.958 after 10.
+    """
     pl.seed_everything(0)
-    dm = DigitsDataModule(batch_size=64, image_size=16, seed=0)
+    dm = DigitsDataModule(batch_size=64, image_size=8, channels=1, seed=0)
     model = ImageClassifier(
-        "resnet10t",
+        "test_resnet",
         num_classes=dm.num_classes,
         in_chans=dm.in_chans,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
     )
     trainer = pl.Trainer(
-        max_epochs=14,
+        max_epochs=8,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
