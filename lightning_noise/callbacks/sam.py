@@ -23,9 +23,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_noise._compat import (
-    mark_step_non_finite,
     metrics_restored,
     optimizer_unscales_itself,
+    unscale_grads_marking_non_finite,
 )
 from lightning_noise._validate import check_choice, check_int, check_number
 from lightning_noise.functional.sam import (
@@ -96,7 +96,12 @@ class SAM(Callback):
         * precision: 32, bf16-mixed, 16-mixed. Under 16-mixed the second loss is scaled with
           the grad scaler and its gradient unscaled by the callback (the scaler allows one
           ``unscale_`` per step); a step whose SAM gradient is not finite is skipped and the
-          scale lowered, as the scaler would. A non-finite first gradient skips the ascent.
+          scale lowered, as the scaler would. A non-finite first gradient leaves the SAM
+          gradient non-finite (so the scaler, or ``NonFiniteGuard`` in fp32, skips the step)
+          and is counted in :attr:`skipped_steps`; the second pass still runs then, since
+          deciding to skip it would mean reading the gradient norm on the host every step.
+        * No host synchronisation per step: the ascent, restore and unscale run as fused
+          device ops (``torch._foreach_*``) and nothing is read back to the CPU.
         * DDP: ``perturbation="global"`` (default) computes ``e`` from the all-reduced
           gradient, so every replica perturbs alike. ``"local"`` computes it from each
           replica's own gradient (the paper's m-sharpness with m the per-device batch, and the
@@ -144,8 +149,19 @@ class SAM(Callback):
         self._batch: Any = None
         self._batch_idx = 0
         self._rng_state: tuple[Tensor, Tensor | None] | None = None
-        #: Steps on which no second pass ran (non-finite first gradient), for inspection.
-        self.skipped_steps = 0
+        # Steps whose first gradient was not finite, counted on the device (no host sync).
+        self._skipped = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose first gradient was not finite (their SAM gradient is left non-finite,
+        so the grad scaler or ``NonFiniteGuard`` skips them). Reading it synchronises with
+        the device: do it at logging intervals or after training, not every step."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = torch.tensor(int(value), dtype=torch.int64, device=self._skipped.device)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -249,8 +265,10 @@ class SAM(Callback):
         self._before_ascent(trainer, core)
         grad_norm = core.ascent(zero_grad=True)
         if not core.perturbed:
-            self.skipped_steps += 1  # non-finite gradient: leave it to the scaler/optimizer
-            return
+            return  # no parameter has a gradient
+        # Not read on the host: a non-finite first gradient still runs the second pass (at
+        # most one forward and backward wasted on such a rare step) and stays non-finite.
+        self._skipped = self._skipped.to(grad_norm.device) + (~torch.isfinite(grad_norm)).long()
         try:
             self._second_pass(trainer, pl_module, optimizer)
         finally:
@@ -298,17 +316,10 @@ class SAM(Callback):
         ``GradScaler.unscale_`` already ran on this step (Lightning calls it before
         ``on_before_optimizer_step``) and may run only once, so we divide by the scale
         ourselves and, on inf/NaN, mark the scaler's record of this step as non-finite:
-        ``scaler.step`` then skips the optimizer and ``scaler.update`` lowers the scale.
+        ``scaler.step`` then skips the optimizer and ``scaler.update`` lowers the scale. Both
+        with the scaler's own fused device op: no per-parameter check read on the host.
         """
-        inv_scale = 1.0 / scaler.get_scale()
-        found = False
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(inv_scale)
-                    found = found or not bool(torch.isfinite(p.grad).all())
-        if found:
-            mark_step_non_finite(scaler, optimizer)
+        unscale_grads_marking_non_finite(scaler, optimizer)
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

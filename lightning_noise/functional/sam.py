@@ -62,7 +62,9 @@ class SharpnessAwareMinimization:
     or in one call: ``sam.step(closure, optimizer)``. The perturbation is computed from the
     parameters' ``.grad`` as they are at :meth:`ascent` (under DDP: already all-reduced, or
     each replica's own for m-sharpness). The parameters before the ascent are kept in a copy so
-    that :meth:`restore` is exact (``w + e - e`` is not ``w`` in floating point).
+    that :meth:`restore` is exact (``w + e - e`` is not ``w`` in floating point); that copy's
+    buffers are allocated at the first ascent and reused. Nothing here reads a tensor on the
+    host (no synchronisation with the GPU).
 
     Args:
         params: parameters or ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
@@ -103,24 +105,22 @@ class SharpnessAwareMinimization:
         unnamed = all(name.startswith("param_") for name, _ in self.named_params)
         #: Which parameters ASAM rescales (``"weight"`` in the name, as the official code).
         self.scale_invariant = [unnamed or "weight" in name for name, _ in self.named_params]
-        self._backup: list[tuple[nn.Parameter, Tensor]] = []
+        #: The parameters perturbed by the last ascent, and their saved values.
+        self._backup: list[nn.Parameter] = []
+        self._saved: list[Tensor] = []
+        self._perturbed = False
 
     @property
     def perturbed(self) -> bool:
         """Whether the parameters currently sit at ``w + e``."""
-        return bool(self._backup)
+        return bool(self._perturbed)
 
     def _masks(self) -> Sequence[Tensor | None]:
         """Per-parameter 0/1 masks of the perturbation; ``None`` perturbs fully (SAM)."""
         return [None] * len(self.named_params)
 
-    @torch.no_grad()
-    def perturbation(self) -> tuple[list[tuple[nn.Parameter, Tensor]], Tensor]:
-        """The perturbation ``e`` of every parameter with a gradient, and ``||T g||``.
-
-        Returns an empty list when the gradient norm is not finite (a step the grad scaler
-        will skip, or a diverged run): nothing is perturbed then.
-        """
+    def _entries(self) -> list[tuple[nn.Parameter, Tensor | None, Tensor | None]]:
+        """``(parameter, T_w or None, mask or None)`` of every parameter with a gradient."""
         entries = []
         for (_, p), scale_inv, mask in zip(
             self.named_params, self.scale_invariant, self._masks(), strict=True
@@ -129,55 +129,114 @@ class SharpnessAwareMinimization:
                 continue
             t = p.detach().abs().add_(self.eta) if self.adaptive and scale_inv else None
             entries.append((p, t, mask))
+        return entries
+
+    def _scale(self, entries: list[Any]) -> tuple[Tensor, Tensor]:
+        """``(rho / (||T g|| + eps), ||T g||)`` as device tensors; the scale is 0 when the norm
+        is not finite (decided with ``torch.where``, not on the host)."""
+        device = entries[0][0].device
+        scaled = [p.grad if t is None else p.grad * t for p, t, _ in entries]
+        # ||T g||_2 over all parameters in one fused kernel per dtype, in float32 at least.
+        norms = torch._foreach_norm(scaled, 2, dtype=torch.float32)
+        grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        scale = torch.where(
+            torch.isfinite(grad_norm), self.rho / (grad_norm + self.eps), grad_norm.new_zeros(())
+        )
+        return scale, grad_norm
+
+    @staticmethod
+    def _shape(entries: list[Any], e: list[Tensor], scale: Tensor) -> None:
+        """Turn ``e = g`` into the perturbation in place: ``scale * T_w^2 g``, masked."""
+        torch._foreach_mul_(e, scale)
+        adaptive = [(x, t) for x, (_, t, _) in zip(e, entries, strict=True) if t is not None]
+        if adaptive:
+            # ASAM: T_w^2 g (one T from the norm's dual, one from T itself).
+            ts = [t for _, t in adaptive]
+            torch._foreach_mul_(ts, ts)
+            torch._foreach_mul_([x for x, _ in adaptive], ts)
+        masked = [(x, m) for x, (_, _, m) in zip(e, entries, strict=True) if m is not None]
+        if masked:
+            torch._foreach_mul_([x for x, _ in masked], [m for _, m in masked])
+
+    @torch.no_grad()
+    def perturbation(self) -> tuple[list[tuple[nn.Parameter, Tensor]], Tensor]:
+        """The perturbation ``e`` of every parameter with a gradient, and ``||T g||``.
+
+        Computed without a host synchronisation: when the gradient norm is not finite (a step
+        the grad scaler will skip, or a diverged run) the scale is 0, so ``e`` is 0 where the
+        gradient is finite and NaN where it is not.
+        """
+        entries = self._entries()
         if not entries:
             return [], torch.zeros(())
-        # ||T g||_2 over all parameters, accumulated in float32 at least.
-        norms = [
-            (p.grad if t is None else p.grad * t)
-            .norm(2, dtype=torch.float32)
-            .to(entries[0][0].device)
-            for p, t, _ in entries
-        ]
-        grad_norm = torch.linalg.vector_norm(torch.stack(norms))
-        if not torch.isfinite(grad_norm):
-            return [], grad_norm
-        scale = self.rho / (grad_norm + self.eps)
-        out = []
-        for p, t, mask in entries:
-            e = p.grad.to(p.dtype) * scale.to(p.dtype)
-            if t is not None:
-                e.mul_(t.pow(2))  # ASAM: T_w^2 g (one T from the norm's dual, one from T itself)
-            if mask is not None:
-                e.mul_(mask)
-            out.append((p, e))
-        return out, grad_norm
+        scale, grad_norm = self._scale(entries)
+        e = [p.grad.to(p.dtype, copy=True) for p, _, _ in entries]
+        self._shape(entries, e, scale)
+        return [(p, x) for (p, _, _), x in zip(entries, e, strict=True)], grad_norm
+
+    def _saved_buffers(self, params: list[nn.Parameter]) -> list[Tensor]:
+        """Persistent copies of ``params`` (allocated once, refilled each step)."""
+        saved = self._saved
+        if len(saved) != len(params) or any(
+            b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+            for b, p in zip(saved, params, strict=True)
+        ):
+            saved = self._saved = [
+                torch.empty_like(p, memory_format=torch.preserve_format) for p in params
+            ]
+        return saved
 
     @torch.no_grad()
     def ascent(self, *, zero_grad: bool = True) -> Tensor:
         """Move to ``w + e`` and (by default) clear the gradients for the second pass.
 
+        No host synchronisation: the weights are saved into buffers kept from step to step
+        (one copy, no allocation), then perturbed with fused ``torch._foreach_*`` ops. With
+        ``zero_grad`` the gradient itself is turned into ``e`` in place (no extra buffer) and
+        then multiplied by 0.
+
+        A non-finite gradient norm cannot skip anything without reading it on the host, so:
+        the scale is 0, the weights move only where the gradient is not finite (to NaN; the
+        exact restore undoes it), and "clearing" by multiplying by 0 leaves those NaNs in the
+        gradient, so the step's final gradient stays non-finite, for the grad scaler or
+        :class:`~lightning_noise.callbacks.NonFiniteGuard` to skip. (A norm that overflows
+        float32 with finite entries perturbs nothing and clears the gradient as usual.)
+
         Returns:
-            The norm ``||T g||`` used for ``e`` (``||g||`` for SAM). When it is not finite
-            nothing is perturbed and the gradients are left as they are.
+            The norm ``||T g||`` used for ``e`` (``||g||`` for SAM), a device tensor.
         """
         if self.perturbed:
             raise RuntimeError("ascent() called twice without restore()")
-        perturbations, grad_norm = self.perturbation()
-        for p, e in perturbations:
-            self._backup.append((p, p.detach().clone()))
-            p.add_(e)
-        if perturbations and zero_grad:
-            for _, p in self.named_params:
-                if p.grad is not None:
-                    p.grad.zero_()
+        entries = self._entries()
+        if not entries:
+            return torch.zeros(())
+        scale, grad_norm = self._scale(entries)
+        params = [p for p, _, _ in entries]
+        self._backup = params
+        torch._foreach_copy_(self._saved_buffers(params), params)
+        grads = [p.grad for p in params]
+        in_place = zero_grad and all(g.dtype == p.dtype for g, p in zip(grads, params, strict=True))
+        e = (
+            grads
+            if in_place
+            else [g.to(p.dtype, copy=True) for g, p in zip(grads, params, strict=True)]
+        )
+        self._shape(entries, e, scale)
+        torch._foreach_add_(params, e)
+        self._perturbed = True
+        if zero_grad:
+            others = [p.grad for _, p in self.named_params if p.grad is not None]
+            # x * 0 is 0 for finite x and NaN for inf/NaN: a non-finite gradient stays so.
+            torch._foreach_mul_(others, 0.0)
         return grad_norm
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put the parameters back to ``w`` exactly; the gradients are left untouched."""
-        for p, w in self._backup:
-            p.copy_(w)
-        self._backup.clear()
+        if self._perturbed:
+            torch._foreach_copy_(self._backup, self._saved[: len(self._backup)])
+        self._backup = []
+        self._perturbed = False
 
     def step(self, closure: Callable[[], Tensor], optimizer: torch.optim.Optimizer) -> Tensor:
         """One full SAM step in a plain loop: ``closure`` must zero nothing and call backward.
@@ -188,12 +247,11 @@ class SharpnessAwareMinimization:
         with torch.enable_grad():
             loss = closure()
         self.ascent()
-        if self.perturbed:
-            try:
-                with torch.enable_grad():
-                    closure()
-            finally:
-                self.restore()
+        try:
+            with torch.enable_grad():
+                closure()
+        finally:
+            self.restore()
         optimizer.step()
         return loss
 
