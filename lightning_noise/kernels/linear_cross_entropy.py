@@ -10,11 +10,15 @@ the logits are recomputed, their gradient is written over them in place, and
 ``grad_bias += g.sum(0)``. The peak extra memory is one chunk of logits; the cost is one
 more ``hidden @ weight.T`` than the naive head.
 
-By default a chunk holds ``ceil(N * H / V)`` rows (at least 1), so a chunk of logits is no
-larger than ``hidden`` itself (the chunking rule of Liger Kernel's fused linear
-cross-entropy). ``grad_weight`` and ``grad_bias`` are sums over all chunks: they accumulate in
-float32 and are cast to the parameters' dtype once at the end (summing many chunks in bfloat16
-would lose digits at every addition).
+By default a chunk holds ``ceil(N * H / V)`` rows (the chunking rule of Liger Kernel's fused
+linear cross-entropy: a chunk of logits no larger than ``hidden``) rounded up to a multiple of
+:data:`CHUNK_ROWS` = 128, the row tile of the GPU's matrix-multiply kernels (131 or 262 rows
+would leave most of a last tile idle in each of the chunk's products), and never more than
+``N``. The memory budget is therefore one chunk of logits of at most ``N * H + 127 * V``
+elements: ``hidden``'s size plus less than 128 rows of logits (:func:`default_chunk_rows`).
+``grad_weight`` and ``grad_bias`` are sums over all chunks: they accumulate in float32 and
+are cast to the parameters' dtype once at the end (summing many chunks in bfloat16 would lose
+digits at every addition).
 
 The logits are computed in one dtype, forward and backward alike, so that the recomputed
 logits are the ones whose ``lse`` forward stored. Outside autocast that is the inputs' shared
@@ -45,6 +49,20 @@ from lightning_noise.kernels.cross_entropy import (
 __all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+#: Rows of a default chunk are a multiple of this: the row tile of cuBLAS/Triton matmuls.
+CHUNK_ROWS = 128
+
+
+def default_chunk_rows(n: int, h: int, v: int) -> int:
+    """Rows per chunk when ``chunk_size=None``: ``ceil(N * H / V)`` rounded up to a multiple
+    of :data:`CHUNK_ROWS`, at most ``N`` (at least 1).
+
+    A chunk's logits then hold at most ``N * H + (CHUNK_ROWS - 1) * V`` elements.
+    """
+    rows = max(1, math.ceil(n * h / v))
+    return max(1, min(n, math.ceil(rows / CHUNK_ROWS) * CHUNK_ROWS))
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -202,7 +220,8 @@ def linear_cross_entropy(
         bias: Optional ``[V]`` bias.
         ignore_index, label_smoothing, maxsup_alpha, z_loss, reduction, impl: As in
             :func:`~lightning_noise.kernels.cross_entropy`.
-        chunk_size: Rows per chunk; ``None`` chooses ``ceil(N * H / V)``.
+        chunk_size: Rows per chunk; ``None`` chooses :func:`default_chunk_rows`
+            (``ceil(N * H / V)`` rounded up to a multiple of 128, at most ``N``).
 
     Returns:
         The loss in float32.
@@ -238,7 +257,7 @@ def linear_cross_entropy(
     flat_target = target.reshape(-1).contiguous()
     n = rows.shape[0]
     if chunk_size is None:
-        chunk_size = max(1, math.ceil(n * rows.shape[1] / vocab))
+        chunk_size = default_chunk_rows(n, rows.shape[1], vocab)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
     chosen = resolve_impl(impl, hidden)

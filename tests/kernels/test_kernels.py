@@ -1,7 +1,8 @@
 """The Triton kernels against PyTorch, forward and backward, run by Triton's interpreter.
 
-``TRITON_INTERPRET=1`` (set per test by the ``interpret`` fixture) makes the Triton path run
-on the CPU; each test checks :data:`LAUNCHES` to prove that the kernels really ran. The
+``TRITON_INTERPRET=1`` (set per test by the ``interpret`` fixture of ``conftest.py``) makes the
+Triton path run on the CPU (``LIGHTNING_NOISE_TEST_DEVICE=cuda`` compiles it for the GPU
+instead); each test checks :data:`LAUNCHES` to prove that the kernels really ran. The
 references are PyTorch's own ops (``torch.softmax``, ``F.cross_entropy``) and, for MaxSup and
 z-loss, the formulas written out here in float64.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import math
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from lightning_noise.kernels import (
     resolve_impl,
     softmax,
 )
+from lightning_noise.kernels.linear_cross_entropy import CHUNK_ROWS, default_chunk_rows
 
 #: (atol, rtol) per dtype, for values and gradients of order 1.
 TOL = {
@@ -30,11 +33,6 @@ TOL = {
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 DTYPES = list(TOL)
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 class launched:
@@ -425,8 +423,8 @@ def test_linear_cross_entropy_sums_bfloat16_chunk_gradients_in_float32(interpret
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_linear_cross_entropy_never_keeps_the_logits(interpret, impl) -> None:
-    """Autograd keeps only the inputs and three numbers per row, not the [N, V] logits, and
-    no tensor as large as the logits is ever allocated (chunks of N * H elements)."""
+    """Autograd keeps only the inputs and three numbers per row, not the [N, V] logits (the
+    chunks, of at most N * H + 127 * V elements, are dropped)."""
     n, hdim, vocab = 256, 16, 8192
     h = torch.randn(n, hdim, requires_grad=True)
     w = torch.randn(vocab, hdim, requires_grad=True)
@@ -449,6 +447,19 @@ def test_linear_cross_entropy_never_keeps_the_logits(interpret, impl) -> None:
     assert sum(saved) - inputs_bytes >= logits_bytes
     loss.backward()
     assert h.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "v"),
+    [(8192, 4096, 32000), (8192, 4096, 128256), (8192, 64, 50257), (100, 16, 1000), (3, 8, 10)],
+)
+def test_default_chunks_fill_whole_matmul_tiles_within_the_budget(n, h, v) -> None:
+    """Liger's ceil(N * H / V) rows (1049, 262, 11 at these sizes) rounded up to whole
+    128-row tiles, at most N, and a chunk of logits within N * H + 127 * V elements."""
+    rows = default_chunk_rows(n, h, v)
+    assert rows == n or rows % CHUNK_ROWS == 0
+    assert rows == n or rows >= math.ceil(n * h / v)
+    assert rows <= n and rows * v <= n * h + (CHUNK_ROWS - 1) * v
 
 
 def test_linear_cross_entropy_errors() -> None:
