@@ -30,6 +30,10 @@ from lightning_noise.types import SampleBatch
 #: File written to the logger's folder at the end of training.
 EXPORT_FILE = "dynamics.pt"
 
+#: Samples whose statistics may wait on the device before they are recorded (besides every
+#: epoch's end): 2**20 rows of 4 float64 numbers are 32 MiB.
+PENDING_ROWS = 2**20
+
 __all__ = ["TrainingDynamics"]
 
 
@@ -48,6 +52,11 @@ class TrainingDynamics(Callback):
     checked before the first batch) and ``training_step`` must return the per-sample dict
     (checked at the first batch; ``PerSampleLossMixin.step_outputs`` builds it); each error
     shows the code to add.
+
+    No host synchronisation per step: each batch's four numbers per sample stay on the device
+    and are copied to the CPU and recorded at the epoch's end (or once ``PENDING_ROWS``
+    samples wait), in one copy; reading :attr:`store` records them at once. So a bad sample
+    index is reported at the epoch's end, not at its batch.
 
     Under DDP every rank all-gathers the per-sample statistics of all ranks, padded because
     the last batch may differ in size per rank, so every rank holds an identical store equal
@@ -73,9 +82,37 @@ class TrainingDynamics(Callback):
     def __init__(self, k: int = 3, *, num_samples: int | None = None) -> None:
         self.k = check_int("k", k, minimum=1)
         self.num_samples = check_int("num_samples", num_samples, minimum=0, optional=True)
-        self.store = DynamicsStore(num_samples or 0)
-        #: Sample observations dropped because their loss or logits were not finite.
-        self.nonfinite_observations = 0
+        self._store = DynamicsStore(num_samples or 0)
+        self._nonfinite = 0
+        # Per-batch statistics still on the device: (stats [B, 4], epoch, global step).
+        self._pending: list[tuple[Tensor, int, int]] = []
+        self._pending_rows = 0
+
+    @property
+    def store(self) -> DynamicsStore:
+        """The :class:`DynamicsStore`, with every batch recorded so far.
+
+        The batches' statistics stay on the device until the epoch ends (or
+        ``PENDING_ROWS`` samples wait), so training never waits for a copy to the CPU; reading
+        this property records them first, which synchronises with the device once.
+        """
+        self._flush()
+        return self._store
+
+    @store.setter
+    def store(self, store: DynamicsStore) -> None:
+        self._pending, self._pending_rows = [], 0
+        self._store = store
+
+    @property
+    def nonfinite_observations(self) -> int:
+        """Sample observations dropped because their loss or logits were not finite."""
+        self._flush()
+        return self._nonfinite
+
+    @nonfinite_observations.setter
+    def nonfinite_observations(self, value: int) -> None:
+        self._nonfinite = int(value)
 
     @property
     def state_key(self) -> str:
@@ -85,7 +122,7 @@ class TrainingDynamics(Callback):
     # ------------------------------------------------------------- sizing
     def _size_store(self, trainer: pl.Trainer) -> None:
         if self.num_samples is not None:
-            self.store.resize(max(self.num_samples, self.store.num_samples))
+            self._store.resize(max(self.num_samples, self._store.num_samples))
             return
         loader = trainer.train_dataloader
         if isinstance(loader, DataLoader):
@@ -99,15 +136,15 @@ class TrainingDynamics(Callback):
                 f"trainer.train_dataloader ({type(loader).__name__}); it needs one DataLoader "
                 "over a dataset with a length, or pass `TrainingDynamics(num_samples=...)`"
             )
-        if size > self.store.num_samples:
-            self.store.resize(size)
+        if size > self._store.num_samples:
+            self._store.resize(size)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_indexed_training_set(trainer, "TrainingDynamics")
         self._size_store(trainer)
         max_epochs = trainer.max_epochs
         if max_epochs is not None and 0 < max_epochs <= 100_000:  # -1/None: unbounded
-            self.store.reserve_epochs(max_epochs)
+            self._store.reserve_epochs(max_epochs)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The dataloader may have been reloaded (reload_dataloaders_every_n_epochs).
@@ -127,21 +164,44 @@ class TrainingDynamics(Callback):
             stats = self._all_gather(trainer, pl_module, stats)
         if stats is None or stats.shape[0] == 0:
             return  # the step was skipped (training_step returned None) on every rank
-        index, correct, loss, margin = stats.cpu().unbind(dim=1)
+        # No copy to the CPU here (it would wait for the GPU every step): keep the batch's
+        # statistics on the device and record them at the epoch's end, in one copy.
+        self._pending.append((stats, trainer.current_epoch, trainer.global_step))
+        self._pending_rows += stats.shape[0]
+        if self._pending_rows >= PENDING_ROWS:
+            self._flush()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        """Record the pending batches in order, with one copy to the CPU for all of them."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        device = pending[0][0].device
+        stats = torch.cat([s.to(device) for s, _, _ in pending]).cpu()
+        for (_, epoch, step), part in zip(
+            pending, stats.split([s.shape[0] for s, _, _ in pending]), strict=True
+        ):
+            self._record(part, epoch, step)
+
+    def _record(self, stats: Tensor, epoch: int, step: int) -> None:
+        index, correct, loss, margin = stats.unbind(dim=1)
         finite = torch.isfinite(loss) & torch.isfinite(margin)
-        if not bool(finite.all()):
+        if not bool(finite.all()):  # CPU tensors: no device sync
             # A NaN/inf loss or logit is no statistic: such an observation is not recorded
             # (its prediction, an arg-max over NaN, would read as class 0), only counted.
             dropped = int((~finite).sum())
-            if self.nonfinite_observations == 0:
+            if self._nonfinite == 0:
                 rank_zero_warn(
                     f"TrainingDynamics: {dropped} samples had a non-finite loss or logits at "
-                    f"global step {trainer.global_step}; they are not recorded (counted in "
+                    f"global step {step}; they are not recorded (counted in "
                     "nonfinite_observations; this warning is shown once)"
                 )
-            self.nonfinite_observations += dropped
+            self._nonfinite += dropped
             index, correct, loss, margin = (t[finite] for t in (index, correct, loss, margin))
-        self.store.record(index.long(), correct.bool(), loss, margin, trainer.current_epoch)
+        self._store.record(index.long(), correct.bool(), loss, margin, epoch)
 
     @staticmethod
     def _batch_stats(batch: SampleBatch) -> Tensor:
@@ -211,7 +271,8 @@ class TrainingDynamics(Callback):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.k = int(state_dict.get("k", self.k))
-        self.store.load_state_dict(state_dict["store"])
+        self._pending, self._pending_rows = [], 0
+        self._store.load_state_dict(state_dict["store"])
         self.nonfinite_observations = int(state_dict.get("nonfinite_observations", 0))
 
     # --------------------------------------------------------- passthroughs
