@@ -114,7 +114,11 @@ def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
 def ce_forward(
     x: Tensor, target: Tensor, ignore_index: int, eps: float, alpha: float, zl: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(loss, lse, argmax)`` of a ``[n, c]`` logit matrix (float32, float32, int32)."""
+    """Per-row ``(loss, lse, argmax)`` of a ``[n, c]`` logit matrix (float32, float32, int32).
+
+    The arg-max is computed only for MaxSup (``alpha > 0``), the row sum only for it or label
+    smoothing: without them the kernel is compiled without either (its arg-max output is 0).
+    """
     n, c = x.shape
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -138,6 +142,8 @@ def ce_forward(
             zl,
             block_r,
             block_c,
+            eps > 0.0 or alpha > 0.0,
+            alpha > 0.0,
             num_warps=warps,
         )
     return loss, lse, amax
@@ -180,6 +186,7 @@ def ce_backward(
             zl,
             block_r,
             block_c,
+            alpha > 0.0,
             num_warps=warps,
         )
     return dx

@@ -133,7 +133,11 @@ def ce_forward(
     zl,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    NEED_MEAN: tl.constexpr,
+    NEED_AMAX: tl.constexpr,
 ):
+    # NEED_MEAN (label smoothing or MaxSup) and NEED_AMAX (MaxSup) are compile-time flags: a
+    # plain cross-entropy compiles without the row sum and the arg-max.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     x_rows = X + rows.to(tl.int64)[:, None] * stride_x
@@ -146,16 +150,18 @@ def ce_forward(
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         block_max = tl.max(x, axis=1)
-        # NaN read as -inf for the arg-max only (the loss stays NaN): the interpreter's argmax
-        # (NumPy's nanargmax) fails on an all-NaN block.
-        block_arg = tl.argmax(tl.where(x == x, x, float("-inf")), axis=1).to(tl.int32) + start
-        # Strictly greater: the first maximum wins, like torch.max.
-        amax = tl.where(block_max > m, block_arg, amax)
+        if NEED_AMAX:
+            # NaN read as -inf for the arg-max only (the loss stays NaN): the interpreter's
+            # argmax (NumPy's nanargmax) fails on an all-NaN block.
+            arg = tl.argmax(tl.where(x == x, x, float("-inf")), axis=1).to(tl.int32) + start
+            # Strictly greater: the first maximum wins, like torch.max.
+            amax = tl.where(block_max > m, arg, amax)
         m_new = tl.maximum(m, block_max)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
         m = m_new
-        total += tl.sum(tl.where(mask, x, 0.0), axis=1)
+        if NEED_MEAN:
+            total += tl.sum(tl.where(mask, x, 0.0), axis=1)
     target = tl.load(T + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (target != ignore_index)
     safe_target = tl.where(valid, target, 0).to(tl.int64)
@@ -193,6 +199,7 @@ def ce_backward(
     zl,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    NEED_AMAX: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -210,7 +217,8 @@ def ce_backward(
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = tl.exp(x - lse[:, None]) * scale[:, None] - shift
-        grad += tl.where(cols[None, :] == amax[:, None], alpha, 0.0)
+        if NEED_AMAX:
+            grad += tl.where(cols[None, :] == amax[:, None], alpha, 0.0)
         grad -= tl.where(cols[None, :] == safe_target[:, None], 1.0 - eps, 0.0)
         grad = grad * g[:, None]
         tl.store(DX + r64 * stride_dx + cols[None, :], grad.to(DX.dtype.element_ty), mask=mask)
