@@ -77,6 +77,9 @@ class NonFiniteGuard(Callback):
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
+        # The one host read of this callback, deliberately every step (issue 14): whether the
+        # optimizer steps is decided on the host, as GradScaler.step reads its found_inf. One
+        # fused check over all gradients, so one sync a step.
         if bool(all_finite(grads)):
             self.consecutive = 0
         else:
