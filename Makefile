@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format clean
+.PHONY: demo test test-slow lint format clean gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# On a machine with one NVIDIA GPU: build .venv (step 1 of the script), run the kernel tests
+# compiled on CUDA and the kernel and overhead benchmarks, and write every figure to one file
+# (benchmarks/RESULTS.md, "GPU check"). GPU_CHECK_ARGS="--out DIR" or "--dry-run-cpu".
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache .hypothesis
