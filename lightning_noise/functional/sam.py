@@ -247,11 +247,12 @@ class SharpnessAwareMinimization:
         with torch.enable_grad():
             loss = closure()
         self.ascent()
-        try:
-            with torch.enable_grad():
-                closure()
-        finally:
-            self.restore()
+        if self.perturbed:  # False only when no parameter has a gradient
+            try:
+                with torch.enable_grad():
+                    closure()
+            finally:
+                self.restore()
         optimizer.step()
         return loss
 
