@@ -43,9 +43,6 @@ PACKAGE = str(Path(lightning_noise.__file__).resolve().parent)
 
 #: Host reads in the library that stay, "path:function" -> why.
 KNOWN = {
-    # models/ is outside this change: the memorisation curve checks the batch's largest index
-    # against the noise mask every step (one int() sync), to be moved off the hot path.
-    "models/classifier.py:_update_memorisation": "index range check, one sync per step",
     # NonFiniteGuard decides on the host whether the optimizer steps: skipping a step needs
     # the verdict there (as GradScaler.step reads found_inf). One fused check, one sync.
     "callbacks/nonfinite.py:on_before_optimizer_step": "the skip decision itself",

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from lightning_noise._compat import assert_on_device
 from lightning_noise.mixins.noisefit import NoiseFiTMixin
 from lightning_noise.mixins.per_sample import PerSampleLossMixin
 from lightning_noise.types import SampleBatch
@@ -226,12 +227,12 @@ class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
     def _update_memorisation(self, batch: SampleBatch) -> None:
         if self.noise_mask.numel() == 0:
             return
-        if int(batch.index.max()) >= self.noise_mask.numel():
-            raise ValueError(
-                f"sample index {int(batch.index.max())} is outside the training set's noise "
-                f"mask of {self.noise_mask.numel()} samples; indices must be positions in "
-                "the training set"
-            )
+        # Checked on the device (no host sync per step; on the CPU it raises at once).
+        assert_on_device(
+            (batch.index < self.noise_mask.numel()).all(),
+            f"a sample index is outside the training set's noise mask of "
+            f"{self.noise_mask.numel()} samples; indices must be positions in the training set",
+        )
         noisy = self.noise_mask[batch.index]
         correct = batch.correct.float()
         clean_w, noisy_w = (~noisy).float(), noisy.float()

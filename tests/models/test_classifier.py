@@ -80,6 +80,10 @@ def test_memorisation_metrics_against_hand_count() -> None:
     assert model.train_acc_clean.compute().item() == pytest.approx(1 / 2)
     assert model.train_acc_noisy.compute().item() == pytest.approx(1 / 3)
     assert model.train_recovered.compute().item() == pytest.approx(2 / 3)
+    # An index past the noise mask is refused (checked on the device, raised at once on the CPU).
+    bad = SampleBatch.create(torch.tensor([0, 5]), given[:2], logits[:2], torch.zeros(2))
+    with pytest.raises(ValueError, match="noise mask of 5 samples"):
+        model._update_memorisation(bad)
 
 
 def test_reaches_90_percent_on_clean_digits(tmp_path) -> None:
