@@ -196,6 +196,11 @@ def test_sam_with_gradient_noise_survives_sigkill(tmp_path) -> None:
     assert any(key.startswith("GradientNoise") for key in end["callbacks"])
 
 
+# Slow (35 s; `make test-slow`) to keep the default suite within 15 minutes: small-loss
+# selection's state is a function of the epoch and the batch's losses, resumed exactly in the
+# default suite by the baseline and SAM cases here and at epoch ends by
+# tests/callbacks/test_sample_selection.py::test_resume_from_checkpoint_is_exact.
+@pytest.mark.slow
 def test_small_loss_selection_survives_sigkill(tmp_path) -> None:
     # The selection is a function of the epoch and the batch's losses: resumed exactly when
     # the weights, the optimizer and the data order are.

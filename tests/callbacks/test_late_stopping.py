@@ -349,6 +349,9 @@ def _fit_with_checkpoints(root: Path, *, max_epochs: int = -1, ckpt: Path | None
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
+# Slow (27 s): the default suite covers the same switch with a real SIGKILL,
+# tests/test_crash_resume.py::test_late_stopping_survives_sigkills_around_a_round_switch.
+@pytest.mark.slow
 def test_resume_across_a_round_boundary_is_exact(tmp_path) -> None:
     straight, late = _fit_with_checkpoints(tmp_path / "a")
     first_end = int(late.rounds[0]["epochs"]) - 1  # the epoch that ended round 1
