@@ -1,5 +1,5 @@
 """Label noise (:class:`LabelNoise`), :class:`Indexed` for your own dataset, and DataModules:
-embedded digits, CIFAR-10/100 (+ CIFAR-N), folders, text."""
+embedded digits, CIFAR-10/100 (+ CIFAR-N), folders, text, prompt/response JSONL."""
 
 from lightning_noise.data.base import NoisyLabelDataModule, stratified_split
 from lightning_noise.data.cifar import (
@@ -26,6 +26,7 @@ from lightning_noise.data.noise import (
     symmetric_noise,
     transition_matrix_noise,
 )
+from lightning_noise.data.prompt_response import PromptResponseDataModule
 from lightning_noise.data.text import AdditionDataModule
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "NoiseKind",
     "NoisyLabelDataModule",
     "NoisyLabels",
+    "PromptResponseDataModule",
     "asymmetric_noise",
     "instance_dependent_noise",
     "load_cifar_n_labels",
