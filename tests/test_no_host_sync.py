@@ -120,11 +120,7 @@ CASES: dict[str, Callable[[], list[pl.Callback]]] = {
 
 #: Cases with a known sync outside the files this audit's change could touch: xfail (strict,
 #: so the entry must go once the sync is gone).
-XFAIL = {
-    # callbacks/sample_selection.py: the moving averages of the loss are read back with
-    # ``float(t) for t in total.cpu()`` every step.
-    "AdaptiveK": "AdaptiveK reads its loss statistics on the host every step",
-}
+XFAIL: dict[str, str] = {}
 
 
 def _fit(name: str, recorder: _Recorder, tmp_path: Path, accelerator: str) -> None:

@@ -21,7 +21,6 @@ uses :class:`~lightning_noise.mixins.PerSampleLossMixin` asks them for 0/1 weigh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -189,7 +188,8 @@ class AdaptiveK(SamplePolicyCallback):
         RuntimeError: at ``setup`` when the module has no ``reduce_loss``
             (:class:`~lightning_noise.mixins.PerSampleLossMixin`), at the end of a training
             epoch in which the module never called it, and when a batch's mean loss is not
-            finite (it would poison ``m`` and ``v`` for the rest of training).
+            finite (it would poison ``m`` and ``v`` for the rest of training; raised at the
+            next logging interval or epoch end, see :meth:`select`).
 
     Example:
         >>> adaptive = AdaptiveK(warmup_epochs=10)
@@ -213,21 +213,23 @@ class AdaptiveK(SamplePolicyCallback):
         #: warm-up), :class:`~lightning_noise.functional.selection.AdaptiveKState`.
         self.state = AdaptiveKState(beta1, beta2, eps)
         self.beta1, self.beta2, self.eps = self.state.beta1, self.state.beta2, self.state.eps
+        #: First global step with a non-finite batch mean (-1: none), kept on the device.
+        self._bad_step: Tensor | None = None
 
     @property
     def m(self) -> float:
         """Moving average of the batch mean loss (float64)."""
-        return self.state.m
+        return float(self.state.m)
 
     @property
     def v(self) -> float:
         """Moving average of the squared batch mean loss (float64)."""
-        return self.state.v
+        return float(self.state.v)
 
     @property
     def steps(self) -> int:
         """Number of moving-average updates (training batches after warm-up)."""
-        return self.state.steps
+        return int(self.state.steps)
 
     @property
     def state_key(self) -> str:
@@ -238,39 +240,64 @@ class AdaptiveK(SamplePolicyCallback):
     @property
     def threshold(self) -> float:
         """The current threshold ``m / (sqrt(v) + eps)`` (0 before the first update)."""
-        return self.state.threshold
+        return float(self.state.threshold)
 
     def update(self, batch_mean: float) -> float:
         """Fold one batch mean loss into ``m`` and ``v``; return the new threshold."""
-        return self.state.update(batch_mean)
+        return float(self.state.update(batch_mean))
 
     def select(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: SampleBatch
     ) -> Tensor:
-        """Warm-up: all ones. Then update ``m``, ``v``; 1 where ``loss <= threshold``."""
+        """Warm-up: all ones. Then update ``m``, ``v``; 1 where ``loss <= threshold``.
+
+        Everything stays on the loss's device: the step reads nothing on the host. A
+        non-finite batch mean leaves ``m`` and ``v`` unchanged and is recorded on the device;
+        :meth:`check_finite` raises for it at the next logging interval
+        (``trainer.log_every_n_steps``) or at the end of the epoch, whichever comes first.
+        """
         ones = torch.ones(len(batch), dtype=torch.float32, device=batch.loss.device)
         if trainer.current_epoch < self.warmup_epochs:
             return ones
         loss = batch.loss
         # float64 where the device has it (MPS has not).
         dtype = torch.float32 if loss.device.type == "mps" else torch.float64
-        count = torch.tensor(float(len(batch)), dtype=dtype, device=loss.device)
+        count = torch.full((), float(len(batch)), dtype=dtype, device=loss.device)
         total = torch.stack([loss.to(dtype).sum(), count])
         # Global sum and count: every rank folds the same global batch mean into m and v.
         total = trainer.strategy.reduce(total, reduce_op="sum")
-        loss_sum, global_count = (float(t) for t in total.cpu())
-        if global_count == 0:
-            return ones
-        batch_mean = loss_sum / global_count
-        if not math.isfinite(batch_mean):
-            raise RuntimeError(
-                f"AdaptiveK got a non-finite mean loss ({batch_mean}) at global step "
-                f"{trainer.global_step}; it would make the threshold NaN for the rest of "
-                "training. Lower the learning rate or enable gradient clipping."
-            )
-        threshold = self.update(batch_mean)
-        pl_module.log("adaptive_k/threshold", threshold, on_step=True, on_epoch=False)
+        loss_sum, global_count = total[0], total[1]
+        batch_mean = loss_sum / global_count.clamp(min=1)
+        finite = torch.isfinite(batch_mean)
+        self._note_non_finite(finite, trainer.global_step)
+        threshold = self.state.update(batch_mean, valid=finite & (global_count > 0))
+        pl_module.log("adaptive_k/threshold", threshold.float(), on_step=True, on_epoch=False)
+        if trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0:
+            self.check_finite()
         return (loss.to(dtype) <= threshold).to(ones.dtype)
+
+    def _note_non_finite(self, finite: Tensor, step: int) -> None:
+        """Keep the first global step whose batch mean was not finite (-1: none), on device."""
+        if self._bad_step is None or self._bad_step.device != finite.device:
+            self._bad_step = torch.full((), -1, dtype=torch.int64, device=finite.device)
+        first = ~finite & (self._bad_step < 0)
+        self._bad_step = torch.where(first, step, self._bad_step)
+
+    def check_finite(self) -> None:
+        """Raise if a batch mean loss was not finite since the last check (one host read)."""
+        if self._bad_step is None:
+            return
+        step = int(self._bad_step)
+        if step >= 0:
+            raise RuntimeError(
+                f"AdaptiveK got a non-finite mean loss at global step {step}; it would make "
+                "the threshold NaN for the rest of training. Lower the learning rate or "
+                "enable gradient clipping."
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_finite()
+        super().on_train_epoch_end(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {

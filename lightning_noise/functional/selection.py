@@ -226,22 +226,35 @@ def adaptive_k_update(
     return m, v
 
 
-def adaptive_k_threshold(m: float, v: float, eps: float = 1e-8) -> float:
+def adaptive_k_threshold(m: Any, v: Any, eps: float = 1e-8) -> Any:
     """The Adaptive-k threshold ``m / (sqrt(v) + eps)`` (official notebook, no bias correction).
+
+    ``m`` and ``v`` are Python floats or tensors (then the result is a tensor on their device,
+    computed without reading it on the host).
 
     Example:
         >>> round(adaptive_k_threshold(*adaptive_k_update(0.0, 0.0, 2.0)), 4)  # 0.1 / sqrt(0.001)
         3.1623
     """
-    return m / (math.sqrt(v) + eps)
+    root = v.sqrt() if isinstance(v, Tensor) else math.sqrt(v)
+    return m / (root + eps)
 
 
 class AdaptiveKState:
     """Adaptive-k's threshold state: the moving averages ``m``, ``v`` and the update count.
 
+    Fed Python floats it computes in Python floats (float64). Fed a 0-d tensor (a batch mean
+    still on the GPU), ``m``, ``v`` and ``steps`` become tensors on that device and nothing is
+    read on the host: a training step does not wait for the GPU (DESIGN.md 8).
+    :meth:`state_dict` reads them back as numbers.
+
     Example:
         >>> state = AdaptiveKState()
         >>> round(state.update(2.0), 4), state.steps
+        (3.1623, 1)
+        >>> state = AdaptiveKState()
+        >>> t = state.update(torch.tensor(2.0, dtype=torch.float64), valid=torch.tensor(True))
+        >>> round(float(t), 4), int(state.steps)
         (3.1623, 1)
     """
 
@@ -249,28 +262,37 @@ class AdaptiveKState:
         self.beta1 = check_number("beta1", beta1, low=0, high=1, high_open=True)
         self.beta2 = check_number("beta2", beta2, low=0, high=1, high_open=True)
         self.eps = check_number("eps", eps, low=0, low_open=True)
-        #: Moving average of the batch mean loss (float64).
-        self.m = 0.0
-        #: Moving average of the squared batch mean loss (float64).
-        self.v = 0.0
-        #: Number of moving-average updates.
-        self.steps = 0
+        #: Moving average of the batch mean loss (float64; a tensor once fed tensors).
+        self.m: float | Tensor = 0.0
+        #: Moving average of the squared batch mean loss (float64; a tensor once fed tensors).
+        self.v: float | Tensor = 0.0
+        #: Number of moving-average updates (a tensor once fed tensors).
+        self.steps: int | Tensor = 0
 
     @property
-    def threshold(self) -> float:
+    def threshold(self) -> float | Tensor:
         """The current threshold ``m / (sqrt(v) + eps)`` (0 before the first update)."""
         return adaptive_k_threshold(self.m, self.v, self.eps)
 
-    def update(self, batch_mean: float) -> float:
-        """Fold one batch mean loss into ``m`` and ``v``; return the new threshold."""
-        self.m, self.v = adaptive_k_update(
-            self.m, self.v, batch_mean, beta1=self.beta1, beta2=self.beta2
-        )
-        self.steps += 1
+    def update(self, batch_mean: float | Tensor, valid: Tensor | None = None) -> float | Tensor:
+        """Fold one batch mean loss into ``m`` and ``v``; return the new threshold.
+
+        ``valid`` (a 0-d bool tensor, with a tensor ``batch_mean``): where it is False the
+        state is left as it was (a batch without samples, or a non-finite mean), decided on
+        the device.
+        """
+        m, v = adaptive_k_update(self.m, self.v, batch_mean, beta1=self.beta1, beta2=self.beta2)
+        if valid is None:
+            self.m, self.v = m, v
+            self.steps = self.steps + 1
+        else:
+            self.m = torch.where(valid, m, torch.as_tensor(self.m, dtype=m.dtype, device=m.device))
+            self.v = torch.where(valid, v, torch.as_tensor(self.v, dtype=v.dtype, device=v.device))
+            self.steps = valid.to(torch.int64) + self.steps
         return self.threshold
 
     def state_dict(self) -> dict[str, Any]:
-        return {"m": self.m, "v": self.v, "steps": self.steps}
+        return {"m": float(self.m), "v": float(self.v), "steps": int(self.steps)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.m = float(state.get("m", 0.0))

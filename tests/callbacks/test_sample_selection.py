@@ -391,6 +391,48 @@ def test_module_that_never_calls_reduce_loss_fails_clearly(tmp_path) -> None:
         trainer.fit(MixinButPlainMean(), DataLoader(FeatureDataset(8), batch_size=4))
 
 
+class NaNAtStep(TinyNet):
+    """Its loss becomes NaN at one global step (an overflow in a user's model)."""
+
+    def __init__(self, bad_step: int) -> None:
+        super().__init__(lr=0.01)
+        self.bad_step = bad_step
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        logits = self(x)
+        if self.global_step == self.bad_step:
+            logits = logits * float("nan")
+        losses = F.cross_entropy(logits, y, reduction="none")
+        sample_batch = SampleBatch.create(index, y, logits, losses)
+        return self.step_outputs(self.reduce_loss(losses, sample_batch), sample_batch)
+
+
+@pytest.mark.parametrize(("log_every", "seen_after"), [(50, 4), (2, 2)], ids=["epoch", "log"])
+def test_adaptive_k_non_finite_mean_raises_without_poisoning_the_state(
+    tmp_path, log_every, seen_after
+) -> None:
+    """The check runs on the device; the error comes at the next logging interval or epoch end.
+
+    A non-finite batch mean (global step 1 and, as the NaN reaches the weights, every later
+    one) leaves ``m`` and ``v`` as they were: they hold the finite batches alone.
+    """
+    adaptive = AdaptiveK(warmup_epochs=0)
+    model = NaNAtStep(bad_step=1)
+    trainer = make_trainer(tmp_path, [adaptive], log_every_n_steps=log_every)
+    with pytest.raises(RuntimeError, match=r"non-finite mean loss at global step 1\b"):
+        trainer.fit(model, DataLoader(FeatureDataset(16), batch_size=4))
+    assert len(model.records) == seen_after
+    finite = [loss for _, loss, _ in model.records if torch.isfinite(loss).all()]
+    m = v = 0.0
+    for loss in finite:
+        mu = float(loss.double().mean())
+        m, v = 0.9 * m + 0.1 * mu, 0.999 * v + 0.001 * mu**2
+    assert adaptive.steps == len(finite) >= 1
+    assert adaptive.m == pytest.approx(m, rel=1e-12)
+    assert adaptive.v == pytest.approx(v, rel=1e-12)
+
+
 def test_state_dict_round_trip_and_state_key(tmp_path) -> None:
     adaptive = AdaptiveK(warmup_epochs=0)
     adaptive.update(2.0)
