@@ -10,11 +10,20 @@ writes at the end of training, and draws
 * ``fkl_histogram.png``: the first epoch at which each sample was learned (``k`` epochs right
   in a row), clean vs noisy labels, with a bar for the samples never learned.
 
-Clean vs noisy needs the training set's noise mask (synthetic noise, CIFAR-N); without it the
-samples are drawn as one group. For a benchmark ``results.csv`` it draws ``robustness.png``:
-the last-epoch test accuracy of every method under every noise setting, with its spread.
+A resumed run logs into a new ``version_N`` folder; the curve reads every version of the run
+in order and places each value at the epoch it was logged with, so the epochs before the
+resume stay on the plot (see :func:`run_metrics_files` for how a resumed run is told from a
+new one). Clean vs noisy needs the training set's noise mask (synthetic noise, CIFAR-N);
+without it the samples are drawn as one group. For a benchmark ``results.csv`` it draws
+``robustness.png``: the last-epoch test accuracy of every method under every noise setting,
+with its spread.
 
-Each function returns the PNG's path and the numbers it drew, so tests can check the content.
+Every series gets its own colour (:func:`distinct_colours`, for any number of methods) and
+legends sit beside the axes, never over the data. Each function returns the PNG's path and
+the numbers it drew, so tests can check the content.
+
+torch and matplotlib are imported inside the functions: ``lightning-noise plot --help`` does
+not load them.
 """
 
 from __future__ import annotations
@@ -22,27 +31,33 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from lightning_noise.data._safe_load import safe_torch_load
-from lightning_noise.dynamics.callback import EXPORT_FILE
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
+    "distinct_colours",
     "fkl_histogram",
     "load_export",
     "loss_distributions",
     "main",
     "memorisation_curve",
     "plot_run",
+    "read_run_metrics",
     "robustness_chart",
+    "run_metrics_files",
 ]
 
 MEMORISATION_KEYS = ("train/acc_clean_labels", "train/acc_noisy_labels", "val/acc")
+
+#: The file TrainingDynamics writes (``lightning_noise.dynamics.callback.EXPORT_FILE``, pinned
+#: by tests/test_plots.py; not imported from there, which would load Lightning).
+EXPORT_FILE = "dynamics.pt"
 
 
 def _pyplot():
@@ -55,8 +70,8 @@ def _pyplot():
 
 
 def _save(plt, fig, out: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    # "tight" grows the canvas to hold the legends placed beside the axes.
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -65,42 +80,162 @@ def _latest(root: Path, name: str) -> Path | None:
     return found[-1] if found else None
 
 
-def read_epoch_metrics(metrics_csv: Path) -> dict[str, dict[int, float]]:
-    """``{metric: {epoch: value}}`` from a ``CSVLogger`` file (the last value of an epoch)."""
+def distinct_colours(n: int) -> list[tuple[float, float, float]]:
+    """``n`` colours that are all different, for ``n`` series of one figure.
+
+    Matplotlib's default cycle has ten colours and repeats after them (the 11th series gets
+    the 1st one's blue). Up to 10 series this returns that same ``tab10`` palette; up to 20,
+    ``tab20`` with its ten strong colours first and their light variants after; beyond, hues
+    spaced evenly around the colour wheel, alternating three lightness levels so that
+    neighbours differ.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    import colorsys
+
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [tuple(colormaps["tab10"](i)[:3]) for i in range(n)]
+    if n <= 20:
+        order = [*range(0, 20, 2), *range(1, 20, 2)]  # strong colours, then the light ones
+        return [tuple(colormaps["tab20"](i)[:3]) for i in order[:n]]
+    levels = (0.35, 0.55, 0.75)
+    return [colorsys.hls_to_rgb(i / n, levels[i % 3], 0.75) for i in range(n)]
+
+
+def outside_legend(ax, **kwargs: Any):
+    """A legend to the right of ``ax``, outside the data area (saved with the figure by
+    :func:`_save`'s tight bounding box)."""
+    kwargs.setdefault("fontsize", 8)
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
+def epoch_axis(ax, epochs: Sequence[int]) -> None:
+    """Whole-number epoch ticks over ``epochs`` (1-based), half an epoch of margin each side:
+    a 1- or 2-epoch run gets the ticks 1 (and 2), not 0.95, 0.96, ..."""
+    from matplotlib.ticker import MaxNLocator
+
+    first, last = (min(epochs), max(epochs)) if epochs else (1, 1)
+    ax.set_xlim(first - 0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+
+
+def _read_csv(metrics_csv: Path) -> tuple[dict[str, dict[int, float]], tuple[int, int] | None]:
+    """``{metric: {epoch: value}}`` of one ``metrics.csv`` and its first ``(epoch, step)``."""
     table: dict[str, dict[int, float]] = defaultdict(dict)
+    first: tuple[int, int] | None = None
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
             if not row.get("epoch"):
                 continue
             epoch = int(float(row["epoch"]))
+            step = int(float(row["step"])) if row.get("step") else 0
+            if first is None or (epoch, step) < first:
+                first = (epoch, step)
             for key, value in row.items():
                 if key not in ("epoch", "step") and value not in ("", None):
                     table[key][epoch] = float(value)
-    return table
+    return dict(table), first
 
 
-def memorisation_curve(metrics_csv: Path, out: Path) -> tuple[Path, dict[str, list[float]]]:
-    table = read_epoch_metrics(metrics_csv)
-    data = {k: [table[k][e] for e in sorted(table[k])] for k in MEMORISATION_KEYS if k in table}
+def read_epoch_metrics(metrics_csv: Path) -> dict[str, dict[int, float]]:
+    """``{metric: {epoch: value}}`` from a ``CSVLogger`` file (the last value of an epoch)."""
+    return _read_csv(metrics_csv)[0]
+
+
+def _version(path: Path) -> tuple[int, str]:
+    match = re.fullmatch(r"version_(\d+)", path.parent.name)
+    return (int(match.group(1)) if match else -1, str(path))
+
+
+def run_metrics_files(root: Path) -> list[Path]:
+    """The ``metrics.csv`` files of the newest run under ``root``, oldest version first.
+
+    A ``CSVLogger`` writes ``<save_dir>/<name>/version_N/metrics.csv`` and starts a new
+    ``version_N`` whenever a run starts, resumed or not. The files are grouped by the folder
+    holding their ``version_N`` folders; the group with the newest file is the run.
+    """
+    groups: dict[Path, list[Path]] = defaultdict(list)
+    for path in root.rglob("metrics.csv"):
+        versioned = _version(path)[0] >= 0
+        groups[path.parent.parent if versioned else path.parent].append(path)
+    if not groups:
+        return []
+    newest = max(groups.values(), key=lambda files: max(f.stat().st_mtime for f in files))
+    return sorted(newest, key=_version)
+
+
+def read_run_metrics(files: Sequence[Path]) -> tuple[dict[str, dict[int, float]], list[Path]]:
+    """``{metric: {epoch: value}}`` of a run logged across ``files`` (its versions, in order),
+    and the files that made it.
+
+    A version whose first logged ``(epoch, step)`` comes after the previous version's first
+    one continues it (a resume: it starts where the checkpoint left off): its values are
+    placed at their logged epochs, over the earlier version's values for the same epochs (an
+    epoch cut short by the crash is logged again in full), and the epochs before it are kept.
+    A version that starts no later than the previous one is a new run of the same recipe:
+    the earlier versions are dropped.
+    """
+    merged: dict[str, dict[int, float]] = defaultdict(dict)
+    used: list[Path] = []
+    previous: tuple[int, int] | None = None
+    for path in files:
+        table, first = _read_csv(path)
+        if first is None:  # a run that logged nothing (it failed at once)
+            continue
+        if previous is not None and first <= previous:
+            merged, used = defaultdict(dict), []
+        for key, by_epoch in table.items():
+            merged[key].update(by_epoch)
+        used.append(path)
+        previous = first
+    return {k: dict(sorted(v.items())) for k, v in merged.items()}, used
+
+
+def memorisation_curve(
+    metrics_csv: Path | Sequence[Path], out: Path
+) -> tuple[Path, dict[str, dict[int, float]]]:
+    """The memorisation curve of one ``metrics.csv`` or of a resumed run's files, in order.
+
+    Returns the PNG's path and ``{metric: {epoch: value}}`` as drawn (0-based epochs as
+    logged; the figure counts them from 1).
+    """
+    files = [Path(metrics_csv)] if isinstance(metrics_csv, (str, Path)) else list(metrics_csv)
+    table, _ = read_run_metrics(files)
+    data = {k: table[k] for k in MEMORISATION_KEYS if k in table}
     if not data:
         raise ValueError(
-            f"{metrics_csv} has none of {MEMORISATION_KEYS}: was it written by a run of "
-            "ImageClassifier with a noisy-label DataModule?"
+            f"{', '.join(map(str, files))} has none of {MEMORISATION_KEYS}: was it written by "
+            "a run of ImageClassifier with a noisy-label DataModule?"
         )
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    blue, _, green, red = distinct_colours(4)
     styles = {
-        "train/acc_clean_labels": ("C0", "-", "train, clean-labelled samples"),
-        "train/acc_noisy_labels": ("C3", "--", "train, noisy-labelled samples (memorisation)"),
-        "val/acc": ("C2", ":", "validation"),
+        "train/acc_clean_labels": (blue, "-", "o", "train, clean-labelled samples"),
+        "train/acc_noisy_labels": (red, "--", "s", "train, noisy-labelled samples\n(memorisation)"),
+        "val/acc": (green, ":", "^", "validation"),
     }
-    for key, values in data.items():
-        colour, style, label = styles[key]
-        ax.plot(range(1, len(values) + 1), values, color=colour, linestyle=style, label=label)
-    ax.set(xlabel="epoch", ylabel="accuracy against the given labels", ylim=(0, 1))
+    all_epochs = sorted({e + 1 for by_epoch in data.values() for e in by_epoch})
+    for key, by_epoch in data.items():
+        colour, style, marker, label = styles[key]
+        epochs = [e + 1 for e in by_epoch]  # logged epochs are 0-based
+        ax.plot(
+            epochs,
+            list(by_epoch.values()),
+            color=colour,
+            linestyle=style,
+            marker=marker,  # a one-epoch run still shows its point
+            markersize=4,
+            label=label,
+        )
+    epoch_axis(ax, all_epochs)
+    ax.set(ylabel="accuracy against the given labels", ylim=(0, 1))
     ax.set_title("Memorisation curve")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    outside_legend(ax)
     _save(plt, fig, out)
     return out, data
 
@@ -112,6 +247,8 @@ def _groups(values: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.
 
 
 def loss_distributions(export: dict[str, Any], out: Path) -> tuple[Path, dict[str, list[float]]]:
+    import torch
+
     loss, mask = export["last_loss"].float(), export.get("noise_mask")
     seen = ~torch.isnan(loss)
     groups = _groups(loss, mask)
@@ -121,17 +258,20 @@ def loss_distributions(export: dict[str, Any], out: Path) -> tuple[Path, dict[st
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = float(loss[seen].max()) if bool(seen.any()) else 1.0
     bins = torch.linspace(0.0, max(top, 1e-6), 41).tolist()
-    for (name, values), colour in zip(groups.items(), ("C0", "C3"), strict=False):
+    blue, _, _, red = distinct_colours(4)
+    for (name, values), colour in zip(groups.items(), (blue, red), strict=False):
         label = f"{name} ({len(values)})"
         ax.hist(values.tolist(), bins=bins, alpha=0.6, color=colour, label=label)
     ax.set(xlabel="last training loss", ylabel="samples")
     ax.set_title("Loss distributions at the end of training")
-    ax.legend()
+    outside_legend(ax)
     _save(plt, fig, out)
     return out, data
 
 
 def fkl_histogram(export: dict[str, Any], out: Path) -> tuple[Path, dict[str, list[int]]]:
+    import torch
+
     fkl, mask, k = export["first_learned_epoch"].long(), export.get("noise_mask"), export["k"]
     epochs = int(export["history"].shape[1]) if export["history"].dim() == 2 else 0
     never = epochs  # the last bar: never learned
@@ -143,7 +283,8 @@ def fkl_histogram(export: dict[str, Any], out: Path) -> tuple[Path, dict[str, li
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(len(counts), 1)
-    for i, ((name, c), colour) in enumerate(zip(counts.items(), ("C0", "C3"), strict=False)):
+    blue, _, _, red = distinct_colours(4)
+    for i, ((name, c), colour) in enumerate(zip(counts.items(), (blue, red), strict=False)):
         xs = [x + i * width for x in range(epochs + 1)]
         ax.bar(xs, c, width=width, color=colour, label=name)
     labels = [str(e) for e in range(epochs)] + ["never"]
@@ -151,7 +292,7 @@ def fkl_histogram(export: dict[str, Any], out: Path) -> tuple[Path, dict[str, li
     ax.set_xticks(range(0, epochs + 1, step), labels[::step])
     ax.set(xlabel=f"first epoch learned ({k} epochs right in a row)", ylabel="samples")
     ax.set_title("First-k-epoch learning (FkL)")
-    ax.legend()
+    outside_legend(ax)
     _save(plt, fig, out)
     return out, counts
 
@@ -179,15 +320,16 @@ def robustness_chart(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(table) + 3), 4.5))
     width = 0.8 / len(methods)
+    colours = distinct_colours(len(methods))  # the default cycle repeats after 10 methods
     for i, method in enumerate(methods):
         xs = [j + i * width for j in range(len(table))]
         means = [table[s].get(method, (math.nan, 0.0))[0] for s in table]
         spreads = [table[s].get(method, (0.0, 0.0))[1] for s in table]
-        ax.bar(xs, means, width=width, yerr=spreads, capsize=2, label=method, color=f"C{i}")
+        ax.bar(xs, means, width=width, yerr=spreads, capsize=2, label=method, color=colours[i])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(table))], list(table))
     ax.set(ylabel="last-epoch test accuracy", ylim=(0, 1))
     ax.set_title("Robustness to label noise (mean and spread over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    outside_legend(ax, title="method")
     ax.grid(axis="y", alpha=0.3)
     _save(plt, fig, out)
     return out, table
@@ -201,6 +343,8 @@ def load_export(path: str | Path) -> dict[str, Any]:
     """
     fix = "it is written by the TrainingDynamics callback at the end of training; train again"
     what = f"a TrainingDynamics export ({EXPORT_FILE})"
+    from lightning_noise.data._safe_load import safe_torch_load
+
     export = safe_torch_load(path, what=what, fix=fix)
     needed = ("k", "history", "last_loss", "first_learned_epoch")
     if not isinstance(export, dict) or any(key not in export for key in needed):
@@ -220,9 +364,9 @@ def plot_run(path: str | Path, out_dir: str | Path | None = None) -> dict[str, P
     out = Path(out_dir) if out_dir else path / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    metrics_csv = _latest(path, "metrics.csv")
-    if metrics_csv is not None:
-        written["memorisation"] = memorisation_curve(metrics_csv, out / "memorisation.png")[0]
+    metrics_files = run_metrics_files(path)
+    if metrics_files:
+        written["memorisation"] = memorisation_curve(metrics_files, out / "memorisation.png")[0]
     export_path = _latest(path, EXPORT_FILE)
     if export_path is not None:
         export = load_export(export_path)
