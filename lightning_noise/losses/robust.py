@@ -7,8 +7,11 @@ With ``p = softmax(z)`` and ``p_y`` the probability of the given label:
   ``(1 - p_y ** q) / q``; ``q -> 0`` is CE, ``q = 1`` is MAE; default ``q = 0.7``.
 * **RCE**, reverse cross-entropy ``-sum_k p_k log y_k`` with ``log 0`` replaced by ``A``
   (Wang et al., ICCV 2019, "Symmetric Cross Entropy for Robust Learning with Noisy Labels"):
-  ``-A * sum_{k != y} p_k``. The paper sets ``A = -4``; the official PyTorch code clamps the
-  one-hot label at 1e-4, i.e. ``A = ln(1e-4) = -9.21``.
+  ``-A * sum_{k != y} p_k``. The default ``log_zero`` (``A``) is the official code's: SCE's
+  and APL's ``ReverseCrossEntropy`` clamp the one-hot label at 1e-4 before the log, i.e.
+  ``A = ln(1e-4) = -9.21`` (:data:`OFFICIAL_LOG_ZERO`); APL's published tables come from that
+  code. The SCE paper's text sets ``A = -4`` (:data:`PAPER_LOG_ZERO`): pass
+  ``log_zero=-4.0`` for it. At the same ``beta`` the paper's RCE term is 2.30x smaller.
 * **SCE**, symmetric cross-entropy: ``alpha * CE + beta * RCE`` (paper: alpha 0.1, beta 1.0
   on CIFAR-10; 6.0 and 0.1 on CIFAR-100).
 * **NCE**, normalized cross-entropy (Ma et al., ICML 2020, "Normalized Loss Functions for
@@ -24,6 +27,7 @@ As in the official codes, ``p`` is clamped to ``[1e-7, 1]`` inside GCE and RCE. 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch.nn.functional as F
@@ -32,6 +36,8 @@ from torch import Tensor, nn
 from lightning_noise.losses._common import check_number, check_reduction, flatten, reduce
 
 __all__ = [
+    "OFFICIAL_LOG_ZERO",
+    "PAPER_LOG_ZERO",
     "GeneralizedCrossEntropy",
     "MeanAbsoluteError",
     "NCEandMAE",
@@ -49,6 +55,12 @@ __all__ = [
 ]
 
 _P_MIN = 1e-7  # the official codes' clamp of the predicted probabilities
+
+#: RCE's ``A`` (the value of ``log 0``) in the official SCE and APL code, the default: the
+#: one-hot label is clamped to ``[1e-4, 1]`` before ``torch.log``, so ``A = ln(1e-4)``.
+OFFICIAL_LOG_ZERO = math.log(1e-4)
+#: RCE's ``A`` as the SCE paper's text sets it (Wang et al. 2019): ``A = -4``.
+PAPER_LOG_ZERO = -4.0
 
 
 # --------------------------------------------------------------------- per-entry forms
@@ -107,19 +119,34 @@ def generalized_cross_entropy(
 
 
 def reverse_cross_entropy(
-    logits: Tensor, target: Tensor, *, log_zero: float = -4.0, ignore_index: int = -100,
-    reduction: str = "mean",
+    logits: Tensor, target: Tensor, *, log_zero: float = OFFICIAL_LOG_ZERO,
+    ignore_index: int = -100, reduction: str = "mean",
 ) -> Tensor:  # fmt: skip
-    """RCE ``-log_zero * sum_{k != y} p_k`` (Wang et al. 2019; ``log_zero`` is their ``A``)."""
+    """RCE ``-log_zero * sum_{k != y} p_k`` (Wang et al. 2019; ``log_zero`` is their ``A``).
+
+    ``log_zero`` defaults to the official code's ``ln(1e-4)`` (:data:`OFFICIAL_LOG_ZERO`); the
+    paper's text uses ``-4`` (:data:`PAPER_LOG_ZERO`).
+
+    Example:
+        >>> import torch
+        >>> z, y = torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+        >>> round(float(reverse_cross_entropy(z, y)), 4)  # -ln(1e-4) * 0.5
+        4.6052
+        >>> round(float(reverse_cross_entropy(z, y, log_zero=PAPER_LOG_ZERO)), 4)  # 4 * 0.5
+        2.0
+    """
     log_zero = check_number("log_zero", log_zero, high=0.0, high_open=True)
     return _apply(lambda f, y: _rce(f, y, log_zero), logits, target, ignore_index, reduction)
 
 
 def symmetric_cross_entropy(
     logits: Tensor, target: Tensor, alpha: float = 0.1, beta: float = 1.0, *,
-    log_zero: float = -4.0, ignore_index: int = -100, reduction: str = "mean",
+    log_zero: float = OFFICIAL_LOG_ZERO, ignore_index: int = -100, reduction: str = "mean",
 ) -> Tensor:  # fmt: skip
-    """SCE ``alpha * CE + beta * RCE`` (Wang et al. 2019; CIFAR-10 defaults)."""
+    """SCE ``alpha * CE + beta * RCE`` (Wang et al. 2019; CIFAR-10 defaults).
+
+    RCE's ``log_zero`` defaults to the official code's ``ln(1e-4)``; ``-4.0`` is the paper's.
+    """
     alpha = check_number("alpha", alpha, low=0.0)
     beta = check_number("beta", beta, low=0.0)
     log_zero = check_number("log_zero", log_zero, high=0.0, high_open=True)
@@ -147,9 +174,12 @@ def mean_absolute_error(
 
 def nce_and_rce(
     logits: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 1.0, *,
-    log_zero: float = -4.0, ignore_index: int = -100, reduction: str = "mean",
+    log_zero: float = OFFICIAL_LOG_ZERO, ignore_index: int = -100, reduction: str = "mean",
 ) -> Tensor:  # fmt: skip
-    """APL ``alpha * NCE + beta * RCE`` (Ma et al. 2020; CIFAR-10 defaults)."""
+    """APL ``alpha * NCE + beta * RCE`` (Ma et al. 2020; CIFAR-10 defaults).
+
+    RCE's ``log_zero`` defaults to the official APL code's ``ln(1e-4)``.
+    """
     alpha = check_number("alpha", alpha, low=0.0)
     beta = check_number("beta", beta, low=0.0)
     log_zero = check_number("log_zero", log_zero, high=0.0, high_open=True)
@@ -199,8 +229,9 @@ class ReverseCrossEntropy(_RobustLoss):
     """Module form of :func:`reverse_cross_entropy`."""
 
     def __init__(
-        self, *, log_zero: float = -4.0, ignore_index: int = -100, reduction: str = "mean"
-    ) -> None:
+        self, *, log_zero: float = OFFICIAL_LOG_ZERO, ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:  # fmt: skip
         super().__init__(ignore_index=ignore_index, reduction=reduction)
         self.log_zero = check_number("log_zero", log_zero, high=0.0, high_open=True)
 
@@ -215,7 +246,7 @@ class SymmetricCrossEntropy(_RobustLoss):
     """Module form of :func:`symmetric_cross_entropy`."""
 
     def __init__(
-        self, alpha: float = 0.1, beta: float = 1.0, *, log_zero: float = -4.0,
+        self, alpha: float = 0.1, beta: float = 1.0, *, log_zero: float = OFFICIAL_LOG_ZERO,
         ignore_index: int = -100, reduction: str = "mean",
     ) -> None:  # fmt: skip
         super().__init__(ignore_index=ignore_index, reduction=reduction)
@@ -252,7 +283,7 @@ class NCEandRCE(_RobustLoss):
     """Module form of :func:`nce_and_rce`."""
 
     def __init__(
-        self, alpha: float = 1.0, beta: float = 1.0, *, log_zero: float = -4.0,
+        self, alpha: float = 1.0, beta: float = 1.0, *, log_zero: float = OFFICIAL_LOG_ZERO,
         ignore_index: int = -100, reduction: str = "mean",
     ) -> None:  # fmt: skip
         super().__init__(ignore_index=ignore_index, reduction=reduction)

@@ -92,22 +92,33 @@ ROBUST = {
             lambda z, y: ref_gce(z, y, 0.7)),
     "gce_q1": (lambda z, y: losses.generalized_cross_entropy(z, y, 1.0, reduction="none"),
                lambda z, y: ref_gce(z, y, 1.0)),
+    # Default A: the official code's ln(1e-4); the paper's A = -4 by name.
     "rce": (lambda z, y: losses.reverse_cross_entropy(z, y, reduction="none"),
-            lambda z, y: ref_rce(z, y, -4.0)),
-    "sce": (lambda z, y: losses.symmetric_cross_entropy(z, y, 0.1, 1.0, reduction="none"),
-            lambda z, y: 0.1 * ref_ce(z, y) + 1.0 * ref_rce(z, y, -4.0)),
-    "sce_official_clamp": (
-        lambda z, y: losses.symmetric_cross_entropy(
-            z, y, 6.0, 0.1, log_zero=math.log(1e-4), reduction="none"
+            lambda z, y: ref_rce(z, y, math.log(1e-4))),
+    "rce_paper": (
+        lambda z, y: losses.reverse_cross_entropy(
+            z, y, log_zero=robust_module.PAPER_LOG_ZERO, reduction="none"
         ),
-        lambda z, y: 6.0 * ref_ce(z, y) + 0.1 * ref_rce(z, y, math.log(1e-4)),
+        lambda z, y: ref_rce(z, y, -4.0),
+    ),
+    "sce": (lambda z, y: losses.symmetric_cross_entropy(z, y, 0.1, 1.0, reduction="none"),
+            lambda z, y: 0.1 * ref_ce(z, y) + 1.0 * ref_rce(z, y, math.log(1e-4))),
+    "sce_paper": (
+        lambda z, y: losses.symmetric_cross_entropy(
+            z, y, 6.0, 0.1, log_zero=-4.0, reduction="none"
+        ),
+        lambda z, y: 6.0 * ref_ce(z, y) + 0.1 * ref_rce(z, y, -4.0),
     ),
     "nce": (lambda z, y: losses.normalized_cross_entropy(z, y, reduction="none"), ref_nce),
     "mae": (lambda z, y: losses.mean_absolute_error(z, y, reduction="none"), ref_mae),
     "nce+rce": (lambda z, y: losses.nce_and_rce(z, y, 1.0, 1.0, reduction="none"),
-                lambda z, y: ref_nce(z, y) + ref_rce(z, y, -4.0)),
+                lambda z, y: ref_nce(z, y) + ref_rce(z, y, math.log(1e-4))),
     "nce+rce_c100": (lambda z, y: losses.nce_and_rce(z, y, 10.0, 0.1, reduction="none"),
-                     lambda z, y: 10 * ref_nce(z, y) + 0.1 * ref_rce(z, y, -4.0)),
+                     lambda z, y: 10 * ref_nce(z, y) + 0.1 * ref_rce(z, y, math.log(1e-4))),
+    "nce+rce_paper": (
+        lambda z, y: losses.nce_and_rce(z, y, 1.0, 1.0, log_zero=-4.0, reduction="none"),
+        lambda z, y: ref_nce(z, y) + ref_rce(z, y, -4.0),
+    ),
     "nce+mae": (lambda z, y: losses.nce_and_mae(z, y, 1.0, 1.0, reduction="none"),
                 lambda z, y: ref_nce(z, y) + ref_mae(z, y)),
     "label_smoothing": (
@@ -140,6 +151,50 @@ def test_any_leading_shape_equals_the_flattened_batch(name) -> None:
     assert got.shape == (3, 4, 5)
     flat = fn(logits.reshape(-1, C), target.reshape(-1))
     torch.testing.assert_close(got.reshape(-1), flat)
+
+
+# ---------------------------------------------------------------------- official RCE code
+def official_rce(pred, labels, num_classes=C):
+    """``ReverseCrossEntropy.forward`` of HanxunH/Active-Passive-Losses ``loss.py`` (SCELoss's
+    RCE term is the same lines), transcribed: the one-hot label is clamped at 1e-4."""
+    pred = F.softmax(pred, dim=1)
+    pred = torch.clamp(pred, min=1e-7, max=1.0)
+    label_one_hot = F.one_hot(labels, num_classes).to(pred.dtype)
+    label_one_hot = torch.clamp(label_one_hot, min=1e-4, max=1.0)
+    return -1 * torch.sum(pred * torch.log(label_one_hot), dim=1)
+
+
+def official_nce(pred, labels):
+    """``NormalizedCrossEntropy.forward`` of the same file (before its ``.mean()``)."""
+    pred = F.log_softmax(pred, dim=1)
+    label_one_hot = F.one_hot(labels, pred.shape[1]).to(pred.dtype)
+    return -1 * torch.sum(label_one_hot * pred, dim=1) / (-pred.sum(dim=1))
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
+def test_rce_defaults_are_the_official_code(scale) -> None:
+    """SCELoss(alpha, beta), ReverseCrossEntropy and NCEandRCE(alpha, beta) of the official
+    code, with their defaults: our functions and modules with theirs (A = ln(1e-4))."""
+    logits, target = batch(scale=scale, seed=3)
+
+    def sce(z, y):  # SCELoss.forward: alpha * CE + beta * RCE.mean()
+        return 0.1 * F.cross_entropy(z, y) + 1.0 * official_rce(z, y).mean()
+
+    def apl(z, y):  # NCEandRCE(alpha=1, beta=1): scale * loss.mean() of each
+        return 1.0 * official_nce(z, y).mean() + 1.0 * official_rce(z, y).mean()
+
+    assert_same(losses.symmetric_cross_entropy, sce, logits, target)
+    assert_same(losses.SymmetricCrossEntropy(), sce, logits, target)
+    rce = lambda z, y: official_rce(z, y).mean()  # noqa: E731
+    assert_same(losses.reverse_cross_entropy, rce, logits, target)
+    assert_same(losses.ReverseCrossEntropy(), rce, logits, target)
+    assert_same(losses.nce_and_rce, apl, logits, target)
+    assert_same(losses.NCEandRCE(), apl, logits, target)
+    # The paper's A = -4 is 4 / 9.21 = 0.434 of it (the issue's "2.30x smaller").
+    paper = losses.ReverseCrossEntropy(log_zero=robust_module.PAPER_LOG_ZERO)(logits, target)
+    ratio = float(losses.reverse_cross_entropy(logits, target) / paper)
+    assert ratio == pytest.approx(-math.log(1e-4) / 4.0, rel=1e-12)
+    assert robust_module.OFFICIAL_LOG_ZERO == math.log(1e-4)
 
 
 # ---------------------------------------------------------------------- label smoothing
