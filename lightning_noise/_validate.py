@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["check_choice", "check_int", "check_number", "is_int", "is_real"]
+__all__ = ["check_choice", "check_int", "check_number", "check_strategy", "is_int", "is_real"]
 
 T = TypeVar("T")
 
@@ -102,3 +102,23 @@ def check_choice(name: str, value: T, choices: Iterable[Any], *, hint: str = "")
         listed = ", ".join(repr(c) for c in allowed)
         raise ValueError(f"{name} must be one of {listed}, got {value!r}{_suffix(hint)}")
     return value
+
+
+def check_strategy(owner: str, strategy: object, refused: Mapping[str, str]) -> None:
+    """Refuse a training strategy at setup: ``RuntimeError`` with the reason and the fix.
+
+    ``refused`` maps strategy class names (a subclass counts as its base, e.g. any
+    ``DeepSpeedStrategy``) to the reason, which names what to use instead. Names, not classes,
+    so that nothing here imports Lightning (or needs DeepSpeed installed).
+
+    Example:
+        >>> class DeepSpeedStrategy: ...
+        >>> check_strategy("SAM", DeepSpeedStrategy(), {"DeepSpeedStrategy": "use 'ddp'"})
+        Traceback (most recent call last):
+        ...
+        RuntimeError: SAM does not support DeepSpeedStrategy: use 'ddp'
+    """
+    for cls in type(strategy).__mro__:
+        reason = refused.get(cls.__name__)
+        if reason is not None:
+            raise RuntimeError(f"{owner} does not support {type(strategy).__name__}: {reason}")

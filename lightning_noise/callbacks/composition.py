@@ -17,7 +17,18 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["NEEDS", "RULES", "Need", "Rule", "markdown", "rule_for"]
+from lightning_noise._validate import check_strategy
+
+__all__ = [
+    "NEEDS",
+    "REFUSED_STRATEGIES",
+    "RULES",
+    "Need",
+    "Rule",
+    "check_gradient_strategy",
+    "markdown",
+    "rule_for",
+]
 
 RuleKind = Literal["exclusive", "needs", "order"]
 
@@ -135,6 +146,50 @@ NEEDS: tuple[Need, ...] = (
         "any",
     ),
 )
+
+
+_DEEPSPEED = (
+    "DeepSpeed runs the backward pass and the optimizer step itself and keeps ZeRO's gradients "
+    "in its own partitioned buffers, so the gradients are not the parameters' `.grad` at "
+    "`on_before_optimizer_step`; use strategy='ddp', or ModelParallelStrategy with "
+    "`fully_shard` in `configure_model` (FSDP2) to shard the model"
+)
+_FSDP1 = (
+    "FSDPStrategy (FSDP1) keeps flattened shards whose gradients are not laid out like the "
+    "parameters; use ModelParallelStrategy with `fully_shard` in `configure_model` (FSDP2, "
+    "supported) or strategy='ddp'"
+)
+
+#: Strategies refused at ``setup`` by the callbacks that change gradients (class names; a
+#: subclass counts as its base), with the reason and what to use instead. Supported by them:
+#: single device, DDP, and FSDP2 (``ModelParallelStrategy`` with ``fully_shard``,
+#: data-parallel: ``tensor_parallel_size=1``). Every other callback works on the losses and
+#: batches, not the gradients, and trains under these strategies as under DDP (tested under DDP
+#: and FSDP2; DeepSpeed is not installed here, so not tested). See ``docs/scaling.md``.
+REFUSED_STRATEGIES: dict[str, dict[str, str]] = {
+    "SAM": {"DeepSpeedStrategy": _DEEPSPEED, "FSDPStrategy": _FSDP1},
+    "GradientNoise": {"DeepSpeedStrategy": _DEEPSPEED, "FSDPStrategy": _FSDP1},
+    "NonFiniteGuard": {"DeepSpeedStrategy": _DEEPSPEED, "FSDPStrategy": _FSDP1},
+}
+
+
+def check_gradient_strategy(owner: str, key: str, strategy: object) -> None:
+    """Refuse at setup what :data:`REFUSED_STRATEGIES` lists for ``key``, and tensor parallelism.
+
+    ``ModelParallelStrategy`` is supported data-parallel (FSDP2, ``tensor_parallel_size=1``):
+    with a tensor-parallel mesh dimension of size > 1 the gradients of replicated parameters
+    may be partial sums, which is untested here, so it is refused.
+    """
+    check_strategy(owner, strategy, REFUSED_STRATEGIES[key])
+    if "ModelParallelStrategy" in {cls.__name__ for cls in type(strategy).__mro__}:
+        mesh = strategy.device_mesh  # type: ignore[attr-defined]
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise RuntimeError(
+                f"{owner} supports ModelParallelStrategy for data parallelism (FSDP2, "
+                f"fully_shard) only, got tensor_parallel_size={mesh['tensor_parallel'].size()}; "
+                "use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)"
+            )
 
 
 def rule_for(first: str, second: str) -> Rule | None:

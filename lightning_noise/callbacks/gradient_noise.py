@@ -16,10 +16,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_noise._compat import optimizer_unscales_itself
 from lightning_noise._validate import check_int
+from lightning_noise.callbacks.composition import check_gradient_strategy
 from lightning_noise.functional.gradient_noise import (
     add_gradient_noise,
     check_schedule,
@@ -51,9 +51,13 @@ class GradientNoise(Callback):
     blow up a step. (Under manual optimization you call ``clip_gradients`` yourself, usually
     before ``optimizer.step()``, so there the noise comes after your clipping.)
 
-    Determinism: the noise is drawn from a generator seeded with ``noise_seed(seed, t)``, never
-    from the global RNG. It is therefore identical on every DDP rank (replicas stay in sync)
-    and a run resumed from a checkpoint continues the same noise sequence.
+    Determinism: each element's noise is a pure function of ``noise_seed(seed, t)``, the
+    parameter's position in the optimizer and the element's index in the full parameter (a
+    counter-based draw, see :func:`add_gradient_noise`), never of the global RNG. It is
+    therefore identical on every DDP rank (replicas stay in sync), a run resumed from a
+    checkpoint continues the same noise, and under FSDP2 (``ModelParallelStrategy`` with
+    ``fully_shard``) each rank draws the noise of its own gradient shard only, equal element
+    for element to the noise of an unsharded or DDP run, whatever the number of ranks.
 
     Args:
         eta: Initial noise variance, > 0. The paper chooses from {0.01, 0.3, 1.0}.
@@ -62,8 +66,9 @@ class GradientNoise(Callback):
 
     Raises:
         ValueError: for bad hyperparameters (in ``__init__``).
-        RuntimeError: at ``setup`` under a sharded strategy (FSDP, DeepSpeed, ModelParallel),
-            where the same noise would repeat on every rank's shard; at ``on_fit_start`` under
+        RuntimeError: at ``setup`` under DeepSpeed or FSDP1 (``FSDPStrategy``), whose
+            gradients are not the parameters' ``.grad`` (use DDP or FSDP2), or tensor
+            parallelism (untested); at ``on_fit_start`` under
             ``16-mixed`` with an optimizer that unscales its own gradients (``fused=True``),
             where the noise would be shrunk by the loss scale.
 
@@ -89,13 +94,8 @@ class GradientNoise(Callback):
         return gradient_noise_std(step, eta=self.eta, gamma=self.gamma)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        sharded = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-        if stage == "fit" and isinstance(trainer.strategy, sharded):
-            raise RuntimeError(
-                f"GradientNoise does not support {type(trainer.strategy).__name__}: each rank "
-                "holds a shard of the gradients and the rank-independent noise would repeat on "
-                "every shard. Use a single device or strategy='ddp'."
-            )
+        if stage == "fit":
+            check_gradient_strategy("GradientNoise", "GradientNoise", trainer.strategy)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

@@ -29,6 +29,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_noise._validate import check_int
+from lightning_noise.callbacks.composition import check_gradient_strategy
+from lightning_noise.functional._sharding import local, reduce_groups, sum_over_shards
 
 __all__ = ["NonFiniteGuard", "all_finite"]
 
@@ -39,8 +41,15 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     the device; reading it is the step's one host synchronisation)."""
     if not tensors:
         return torch.tensor(True)
-    device = tensors[0].device
-    return torch.stack([t.isfinite().all().to(device) for t in tensors]).all()
+    groups = [reduce_groups(t) for t in tensors]
+    blocks = [local(t) for t in tensors]
+    device = blocks[0].device
+    if not any(groups):
+        return torch.stack([t.isfinite().all().to(device) for t in blocks]).all()
+    # FSDP2: each rank holds a shard; count the non-finite entries over all shards, so that
+    # every rank reaches the same verdict and skips the same steps.
+    bad = [t.isfinite().logical_not_().sum().to(device) for t in blocks]
+    return sum_over_shards(bad, groups) == 0
 
 
 class NonFiniteGuard(Callback):
@@ -48,7 +57,9 @@ class NonFiniteGuard(Callback):
 
     List it after SAM/ASAM/FSAM (which replace the gradient in the same hook; SAM refuses the
     other order at setup). Under DDP the gradients are all-reduced before this hook, so every
-    rank sees the same verdict and skips the same steps.
+    rank sees the same verdict and skips the same steps; under FSDP2 (``ModelParallelStrategy``)
+    the count of non-finite entries is all-reduced over the shards for the same reason.
+    DeepSpeed and FSDP1 are refused at setup (their gradients are not the parameters' ``.grad``).
 
     Args:
         max_consecutive: Skipped steps in a row after which training stops with an error,
@@ -71,6 +82,10 @@ class NonFiniteGuard(Callback):
     @property
     def state_key(self) -> str:
         return "NonFiniteGuard"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_gradient_strategy("NonFiniteGuard", "NonFiniteGuard", trainer.strategy)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -28,6 +28,7 @@ from lightning_noise._compat import (
     unscale_grads_marking_non_finite,
 )
 from lightning_noise._validate import check_choice, check_int, check_number
+from lightning_noise.callbacks.composition import check_gradient_strategy
 from lightning_noise.functional.sam import (
     FisherSharpnessAwareMinimization,
     SharpnessAwareMinimization,
@@ -106,6 +107,14 @@ class SAM(Callback):
           gradient, so every replica perturbs alike. ``"local"`` computes it from each
           replica's own gradient (the paper's m-sharpness with m the per-device batch, and the
           official JAX default); the SAM gradients are averaged either way.
+        * FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``,
+          ``tensor_parallel_size=1``): parameters and gradients are sharded ``DTensor``s. The
+          norm ``||g||`` is global (the shards' squared norms all-reduced, one collective a
+          step), ``e``, the ascent and the exact restore act on each rank's local shard (the
+          saved copy is one copy of the local shard), and FSAM's top-k is global (see
+          :func:`fisher_mask`); the second forward all-gathers ``w + e``. The result equals
+          the DDP run's within float tolerance. ``perturbation="local"`` is refused there.
+          DeepSpeed and FSDP1 (``FSDPStrategy``) are refused at setup.
         * BatchNorm: running statistics are updated by the first pass only.
         * Dropout and other randomness: with ``second_pass_rng="same"`` (default) the second
           pass replays the random state of the first, so it sees the same dropout masks and
@@ -117,8 +126,9 @@ class SAM(Callback):
     Not supported, with an error at ``fit`` start: manual optimization (use
     :class:`SharpnessAwareMinimization` in your ``training_step``), ``accumulate_grad_batches
     > 1`` (the second pass would only see the last micro-batch), strategies other than
-    single-device and DDP. Put SAM before other callbacks that change gradients in
-    ``on_before_optimizer_step`` (e.g. GradientNoise), since SAM replaces the gradient.
+    single-device, DDP and FSDP2 (``ModelParallelStrategy``). Put SAM before other callbacks
+    that change gradients in ``on_before_optimizer_step`` (e.g. GradientNoise), since SAM
+    replaces the gradient.
 
     Args:
         rho: neighbourhood radius, > 0 (paper default 0.05; 0.1 for its label-noise results).
@@ -190,10 +200,19 @@ class SAM(Callback):
                 f"{trainer.accumulate_grad_batches}: its second pass would see only the last "
                 "micro-batch; use a larger batch_size instead (or accumulate_grad_batches=1)"
             )
-        if not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+        check_gradient_strategy(name, "SAM", trainer.strategy)
+        supported = SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy
+        if not isinstance(trainer.strategy, supported):
             raise RuntimeError(
-                f"{name} supports single-device and DDP strategies, got "
-                f"{type(trainer.strategy).__name__}"
+                f"{name} supports single-device, DDP and FSDP2 (ModelParallelStrategy with "
+                f"fully_shard) strategies, got {type(trainer.strategy).__name__}"
+            )
+        if isinstance(trainer.strategy, ModelParallelStrategy) and self.perturbation == "local":
+            raise RuntimeError(
+                f"{name}(perturbation='local') needs each replica's own full gradient, which "
+                "FSDP2 never holds (it reduce-scatters in the backward pass); use "
+                "perturbation='global' under ModelParallelStrategy, or strategy='ddp' for "
+                "m-sharpness"
             )
         others = [cb for cb in trainer.callbacks if isinstance(cb, SAM) and cb is not self]
         if others:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_noise._validate import check_int, check_number
+from lightning_noise.functional._sharding import block_offsets, local
 
 __all__ = ["add_gradient_noise", "check_schedule", "gradient_noise_std", "noise_seed"]
 
@@ -83,19 +84,95 @@ def noise_seed(seed: int, step: int) -> int:
     return int.from_bytes(digest, "little") & _SEED_MASK
 
 
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the signed value torch's int64 arithmetic wraps around."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA
+# 2014; the seeding generator of java.util.SplittableRandom and xoshiro): the n-th output of a
+# stream is mix(key + n * GOLDEN), so any element of it is computed directly from n.
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+_U24 = 2.0**-24
+#: Elements per chunk of one draw: bounds the int64 temporaries (~40 bytes an element).
+_CHUNK = 1 << 22
+
+
+def _shift(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 ``z`` (torch's ``>>`` is arithmetic on signed values)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    z = (z ^ _shift(z, 30)) * _M1  # int64 products wrap modulo 2^64, as in the reference C
+    z = (z ^ _shift(z, 27)) * _M2
+    return z ^ _shift(z, 31)
+
+
+def _normal(key: int, index: Tensor) -> Tensor:
+    """Standard normal float32 values, one per element index, a pure function of (key, index).
+
+    Box-Muller (1958) on two 24-bit uniforms of one SplitMix64 output: ``u1`` in ``(0, 1]``
+    (so the log is finite; ``|z| <= 5.77``), ``u2`` in ``[0, 1)``.
+    """
+    z = _mix(index.add(1).mul_(_GOLDEN).add_(key))
+    u1 = (_shift(z, 40) + 1).to(torch.float32).mul_(_U24)
+    u2 = (_shift(z, 16) & 0xFFFFFF).to(torch.float32).mul_(_U24)
+    return u1.log_().mul_(-2.0).sqrt_().mul_(torch.cos(u2.mul_(2.0 * math.pi)))
+
+
+def _parameter_key(generator_seed: int, position: int) -> int:
+    """The stream key of the parameter at ``position`` (a 64-bit hash, as :func:`noise_seed`)."""
+    digest = hashlib.blake2b(f"{generator_seed}:{position}".encode(), digest_size=8).digest()
+    return _signed(int.from_bytes(digest, "little"))
+
+
+def _flat_index(
+    shape: torch.Size,
+    offsets: tuple[int, ...],
+    block: torch.Size,
+    rows: slice,
+    device: torch.device,
+) -> Tensor:
+    """Flat (row-major) indices in a tensor of ``shape`` of the elements of a block.
+
+    The block starts at ``offsets`` and has shape ``block``; only its dim-0 ``rows`` are
+    returned (a chunk), as an int64 tensor of that chunk's shape.
+    """
+    if len(shape) == 0:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    index = torch.zeros((), dtype=torch.int64, device=device)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        if d == 0:
+            coords = torch.arange(rows.start, rows.stop, device=device)
+        else:
+            coords = torch.arange(block[d], device=device)
+        coords = (coords + offsets[d]) * stride
+        index = index + coords.view([-1] + [1] * (len(shape) - 1 - d))
+        stride *= shape[d]
+    return index
+
+
 @torch.no_grad()
 def add_gradient_noise(parameters: Iterable[Tensor], std: float, *, generator_seed: int) -> None:
     """Add i.i.d. ``N(0, std^2)`` noise in place to the ``.grad`` of every parameter.
 
-    Parameters whose ``.grad`` is ``None`` are skipped. The noise is drawn from a
-    ``torch.Generator`` on each gradient's device seeded with ``generator_seed`` (one
-    generator per device, parameters in the given order), never from the global RNG, so the
-    same parameters in the same order with the same seed always get the same noise.
+    Parameters whose ``.grad`` is ``None`` are skipped. Each element's noise is a pure function
+    of ``(generator_seed, the parameter's position in parameters, the element's index in the
+    full parameter)``: a counter-based draw (SplitMix64 + Box-Muller), never the global RNG.
+    So the same element gets the same noise whatever the device, the rank, the other
+    parameters' gradients, or how the parameter is sharded: under FSDP2 (``DTensor``
+    gradients) each rank computes the noise of its own shard only, and the noise equals the
+    unsharded run's (up to the last bit of ``log``/``cos``, which a vectorised CPU loop may
+    round differently at another position in memory).
 
     Args:
         parameters: Tensors whose ``.grad`` receive the noise (e.g. ``model.parameters()``).
         std: Standard deviation of the noise, finite and >= 0.
-        generator_seed: Seed of the generator, e.g. ``noise_seed(seed, step)``.
+        generator_seed: Seed of the draw, e.g. ``noise_seed(seed, step)``.
 
     Raises:
         ValueError: for a negative or non-finite ``std``, or a sparse gradient.
@@ -108,8 +185,7 @@ def add_gradient_noise(parameters: Iterable[Tensor], std: float, *, generator_se
         True
     """
     check_number("std", std, low=0)
-    generators: dict[torch.device, torch.Generator] = {}
-    for param in parameters:
+    for position, param in enumerate(parameters):
         grad = param.grad
         if grad is None:
             continue
@@ -119,9 +195,22 @@ def add_gradient_noise(parameters: Iterable[Tensor], std: float, *, generator_se
                 "add_gradient_noise does not support sparse gradients (e.g. "
                 "nn.Embedding(sparse=True)); use dense gradients"
             )
-        generator = generators.get(grad.device)
-        if generator is None:
-            generator = torch.Generator(device=grad.device).manual_seed(generator_seed)
-            generators[grad.device] = generator
-        noise = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
-        grad.add_(noise, alpha=std)
+        key = _parameter_key(generator_seed, position)
+        shape, offsets = block_offsets(grad)
+        block = local(grad)
+        if block.numel() == 0:
+            continue
+        if block.dim() == 0:
+            block.add_(
+                _normal(
+                    key, _flat_index(shape, offsets, block.shape, slice(0, 1), block.device)
+                ).to(block.dtype),
+                alpha=std,
+            )
+            continue
+        row = max(1, block[0].numel())
+        step = max(1, _CHUNK // row)
+        for start in range(0, block.shape[0], step):
+            rows = slice(start, min(start + step, block.shape[0]))
+            index = _flat_index(shape, offsets, block.shape, rows, block.device)
+            block[rows].add_(_normal(key, index).to(block.dtype), alpha=std)

@@ -25,6 +25,16 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_noise._validate import check_number
+from lightning_noise.functional._sharding import (
+    DTensor,
+    Shard,
+    block_offsets,
+    dist,
+    is_sharded,
+    local,
+    reduce_groups,
+    sum_over_shards,
+)
 
 __all__ = [
     "FisherSharpnessAwareMinimization",
@@ -106,7 +116,7 @@ class SharpnessAwareMinimization:
         #: Which parameters ASAM rescales (``"weight"`` in the name, as the official code).
         self.scale_invariant = [unnamed or "weight" in name for name, _ in self.named_params]
         #: The parameters perturbed by the last ascent, and their saved values.
-        self._backup: list[nn.Parameter] = []
+        self._backup: list[Tensor] = []
         self._saved: list[Tensor] = []
         self._perturbed = False
 
@@ -119,26 +129,50 @@ class SharpnessAwareMinimization:
         """Per-parameter 0/1 masks of the perturbation; ``None`` perturbs fully (SAM)."""
         return [None] * len(self.named_params)
 
-    def _entries(self) -> list[tuple[nn.Parameter, Tensor | None, Tensor | None]]:
-        """``(parameter, T_w or None, mask or None)`` of every parameter with a gradient."""
+    def _entries(self) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """``(parameter block, T_w or None, mask or None)`` of every parameter with a gradient.
+
+        A block is the part of the parameter this process holds: the whole tensor on one
+        device or under DDP, the local shard of a ``DTensor`` under FSDP2 (call under
+        ``torch.no_grad()``, so that it shares storage with the parameter).
+        """
         entries = []
         for (_, p), scale_inv, mask in zip(
             self.named_params, self.scale_invariant, self._masks(), strict=True
         ):
             if p.grad is None:
                 continue
-            t = p.detach().abs().add_(self.eta) if self.adaptive and scale_inv else None
-            entries.append((p, t, mask))
+            w = local(p.detach())
+            t = w.abs().add_(self.eta) if self.adaptive and scale_inv else None
+            entries.append((w, t, mask))
         return entries
 
-    def _scale(self, entries: list[Any]) -> tuple[Tensor, Tensor]:
+    def _grads(self) -> list[Tensor]:
+        """The gradient blocks of the parameters with a gradient, in :meth:`_entries` order."""
+        return [local(p.grad) for _, p in self.named_params if p.grad is not None]
+
+    def _groups(self) -> list[tuple[object, ...]]:
+        """Per parameter with a gradient: the process groups its gradient is sharded over."""
+        return [reduce_groups(p.grad) for _, p in self.named_params if p.grad is not None]
+
+    def _scale(self, entries: list[Any], grads: list[Tensor]) -> tuple[Tensor, Tensor]:
         """``(rho / (||T g|| + eps), ||T g||)`` as device tensors; the scale is 0 when the norm
-        is not finite (decided with ``torch.where``, not on the host)."""
-        device = entries[0][0].device
-        scaled = [p.grad if t is None else p.grad * t for p, t, _ in entries]
+        is not finite (decided with ``torch.where``, not on the host).
+
+        Under FSDP2 each process holds a shard of every gradient: the norm is the global one,
+        the square root of the all-reduced sum of the shards' squared norms (one all-reduce
+        per device mesh), so every rank computes the same scale.
+        """
+        device = grads[0].device
+        scaled = [g if t is None else g * t for g, (_, t, _) in zip(grads, entries, strict=True)]
         # ||T g||_2 over all parameters in one fused kernel per dtype, in float32 at least.
-        norms = torch._foreach_norm(scaled, 2, dtype=torch.float32)
-        grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        norms = [n.to(device) for n in torch._foreach_norm(scaled, 2, dtype=torch.float32)]
+        groups = self._groups()
+        if not any(groups):
+            grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+        else:
+            squares = [n.square() for n in norms]
+            grad_norm = sum_over_shards(squares, groups).sqrt()
         scale = torch.where(
             torch.isfinite(grad_norm), self.rho / (grad_norm + self.eps), grad_norm.new_zeros(())
         )
@@ -159,20 +193,23 @@ class SharpnessAwareMinimization:
             torch._foreach_mul_([x for x, _ in masked], [m for _, m in masked])
 
     @torch.no_grad()
-    def perturbation(self) -> tuple[list[tuple[nn.Parameter, Tensor]], Tensor]:
+    def perturbation(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         """The perturbation ``e`` of every parameter with a gradient, and ``||T g||``.
 
-        Computed without a host synchronisation: when the gradient norm is not finite (a step
-        the grad scaler will skip, or a diverged run) the scale is 0, so ``e`` is 0 where the
-        gradient is finite and NaN where it is not.
+        Pairs ``(parameter block, e of that block)``: under FSDP2 the block is this rank's
+        shard (a plain tensor) and ``||T g||`` the global norm. Computed without a host
+        synchronisation: when the gradient norm is not finite (a step the grad scaler will
+        skip, or a diverged run) the scale is 0, so ``e`` is 0 where the gradient is finite and
+        NaN where it is not.
         """
         entries = self._entries()
         if not entries:
             return [], torch.zeros(())
-        scale, grad_norm = self._scale(entries)
-        e = [p.grad.to(p.dtype, copy=True) for p, _, _ in entries]
+        grads = self._grads()
+        scale, grad_norm = self._scale(entries, grads)
+        e = [g.to(w.dtype, copy=True) for g, (w, _, _) in zip(grads, entries, strict=True)]
         self._shape(entries, e, scale)
-        return [(p, x) for (p, _, _), x in zip(entries, e, strict=True)], grad_norm
+        return [(w, x) for (w, _, _), x in zip(entries, e, strict=True)], grad_norm
 
     def _saved_buffers(self, params: list[nn.Parameter]) -> list[Tensor]:
         """Persistent copies of ``params`` (allocated once, refilled each step)."""
@@ -210,11 +247,13 @@ class SharpnessAwareMinimization:
         entries = self._entries()
         if not entries:
             return torch.zeros(())
-        scale, grad_norm = self._scale(entries)
-        params = [p for p, _, _ in entries]
+        grads = self._grads()
+        scale, grad_norm = self._scale(entries, grads)
+        # Blocks: the whole parameters, or this rank's shards under FSDP2 (so the saved copy
+        # is one copy of the local shard, not of the full model).
+        params = [w for w, _, _ in entries]
         self._backup = params
         torch._foreach_copy_(self._saved_buffers(params), params)
-        grads = [p.grad for p in params]
         in_place = zero_grad and all(g.dtype == p.dtype for g, p in zip(grads, params, strict=True))
         e = (
             grads
@@ -225,7 +264,7 @@ class SharpnessAwareMinimization:
         torch._foreach_add_(params, e)
         self._perturbed = True
         if zero_grad:
-            others = [p.grad for _, p in self.named_params if p.grad is not None]
+            others = [local(p.grad) for _, p in self.named_params if p.grad is not None]
             # x * 0 is 0 for finite x and NaN for inf/NaN: a non-finite gradient stays so.
             torch._foreach_mul_(others, 0.0)
         return grad_norm
@@ -257,24 +296,108 @@ class SharpnessAwareMinimization:
         return loss
 
 
+_NON_NEGATIVE = 0x7FFFFFFF
+
+
+def _fisher_bits(grads: Sequence[Tensor]) -> Tensor:
+    """``g^2`` of the (local blocks of the) gradients, flat, as int32 keys ordered like the
+    floats: a non-negative float32's bit pattern is monotone in its value (NaN above inf)."""
+    fisher = torch.cat([local(g).detach().reshape(-1).float().pow(2) for g in grads])
+    return fisher.view(torch.int32) & _NON_NEGATIVE
+
+
+def _split_masks(flat: Tensor, grads: Sequence[Tensor]) -> list[Tensor]:
+    blocks = [local(g) for g in grads]
+    sizes = [b.numel() for b in blocks]
+    return [m.view(b.shape) for m, b in zip(flat.split(sizes), blocks, strict=True)]
+
+
 @torch.no_grad()
 def fisher_mask(grads: Sequence[Tensor], keep_ratio: float) -> list[Tensor]:
     """Global top-``keep_ratio`` mask of the empirical Fisher ``g^2`` (FSAM, Zhong et al. 2022).
 
-    Returns one ``bool`` tensor per gradient (1 byte per parameter). Ties at the threshold are
-    broken by ``torch.topk`` so exactly ``int(N * keep_ratio)`` entries are kept (at least one).
+    Returns one ``bool`` tensor per gradient (1 byte per parameter). Exactly
+    ``max(1, int(N * keep_ratio))`` entries are kept: every entry above the threshold and, of
+    those equal to it, the first in order (parameter by parameter, each flattened), so the mask
+    is the same whatever ``torch.topk`` would pick among ties.
+
+    Sharded gradients (FSDP2 ``DTensor``s, all ``Shard(0)`` on one 1-D device mesh) give the
+    mask of this rank's block of each gradient, and the top-k is global: the threshold is found
+    by a bisection on the ``g^2`` values with one all-reduce of a count per step (31 steps, no
+    gathering of the gradients, nothing read on the host), and the tie rule follows the full
+    tensors' order, so the masks are the blocks of the mask an unsharded run computes.
     """
     check_number("keep_ratio", keep_ratio, low=0, high=1, low_open=True)
+    sharded = [is_sharded(g) for g in grads]
+    if any(sharded):
+        return _sharded_fisher_mask(grads, keep_ratio)
     sizes = [g.numel() for g in grads]
     total = sum(sizes)
     if total == 0:
         return [torch.zeros_like(g, dtype=torch.bool) for g in grads]
     keep = max(1, int(total * keep_ratio))
-    # A transient float copy of the squared gradients: the mask itself is one byte a parameter.
-    fisher = torch.cat([g.detach().reshape(-1).float().pow(2) for g in grads])
-    flat = torch.zeros(total, dtype=torch.bool, device=fisher.device)
-    flat[torch.topk(fisher, keep, sorted=False).indices] = True
-    return [m.view_as(g) for m, g in zip(flat.split(sizes), grads, strict=True)]
+    # Transient copies of g^2 (and its int32 keys): the mask itself is one byte a parameter.
+    bits = _fisher_bits(grads)
+    threshold = torch.topk(bits, keep, sorted=False).values.min()
+    above = bits > threshold
+    ties = bits == threshold
+    room = keep - above.sum()  # how many ties to keep (>= 1), a device tensor
+    flat = above | (ties & (ties.cumsum(0, dtype=torch.int32) <= room))
+    return _split_masks(flat, grads)
+
+
+def _sharded_fisher_mask(grads: Sequence[Tensor], keep_ratio: float) -> list[Tensor]:
+    """:func:`fisher_mask` of FSDP2 gradients (``Shard(0)`` on one 1-D mesh): local masks."""
+    meshes = {g.device_mesh if is_sharded(g) else None for g in grads}
+    placements = {tuple(g.placements) if is_sharded(g) else None for g in grads}
+    if len(meshes) != 1 or None in meshes or placements != {(Shard(0),)}:
+        raise ValueError(
+            "FSAM's global top-k under sharding supports FSDP2's layout: every parameter a "
+            "DTensor sharded Shard(0) on one 1-D data-parallel mesh (fully_shard on the model; "
+            f"ModelParallelStrategy with tensor_parallel_size=1); got placements {placements}. "
+            "Use SAM or ASAM for other layouts (their norm is global for any Shard/Replicate)."
+        )
+    (group,) = reduce_groups(grads[0])
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    total = sum(g.numel() for g in grads)  # global sizes
+    keep = max(1, int(total * keep_ratio))
+    bits = _fisher_bits(grads)
+    device = bits.device
+
+    def global_count(x: Tensor) -> Tensor:
+        x = x.sum(dtype=torch.int64).reshape(1)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x[0]
+
+    # Largest key T with count(keys >= T) >= keep: bisection on the 31-bit keys, on the device.
+    lo = torch.zeros((), dtype=torch.int64, device=device)
+    hi = torch.full((), _NON_NEGATIVE, dtype=torch.int64, device=device)
+    for _ in range(31):
+        mid = (lo + hi + 1) // 2
+        enough = global_count(bits >= mid) >= keep
+        lo = torch.where(enough, mid, lo)
+        hi = torch.where(enough, hi, mid - 1)
+    threshold = lo.to(torch.int32)
+    above = bits > threshold
+    ties = bits == threshold
+    room = keep - global_count(above)
+    # Ties in the full tensors' order: parameter by parameter, then by rank (Shard(0) blocks
+    # are consecutive slices of the flattened parameter), then within the block.
+    blocks = [local(g).numel() for g in grads]
+    tie_counts = torch.stack([t.sum(dtype=torch.int64) for t in ties.split(blocks)])
+    gathered = [torch.empty_like(tie_counts) for _ in range(world)]
+    dist.all_gather(gathered, tie_counts, group=group)
+    by_param = torch.stack(gathered, dim=1).reshape(-1)  # [param, rank] in the global order
+    before = (by_param.cumsum(0) - by_param).view(len(grads), world)[:, rank]
+    local_before = tie_counts.cumsum(0) - tie_counts
+    # Rank of each tie in the global order, 1-based: ties before this block + within it.
+    shift = torch.repeat_interleave(
+        before - local_before, torch.tensor(blocks, device=device), output_size=sum(blocks)
+    )
+    order = ties.cumsum(0, dtype=torch.int64) + shift
+    flat = above | (ties & (order <= room))
+    return _split_masks(flat, grads)
 
 
 class FisherSharpnessAwareMinimization(SharpnessAwareMinimization):
@@ -327,13 +450,28 @@ class FisherSharpnessAwareMinimization(SharpnessAwareMinimization):
             if masked
         ]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in targets]
+        # Under FSDP2 the masks are of this rank's blocks, the top-k global across ranks.
         for (i, _), m in zip(targets, fisher_mask(grads, self.keep_ratio), strict=True):
             self.masks[i] = m
         self.has_mask = True
 
     def mask_state(self) -> list[Tensor | None]:
-        """The masks as stored (``bool``, one byte a parameter), for checkpoints."""
-        return [None if m is None else m.detach().cpu() for m in self.masks]
+        """The masks as stored (``bool``, one byte a parameter), for checkpoints.
+
+        Always the full parameters' masks, so a checkpoint is the same with or without
+        sharding. Under FSDP2 the blocks are all-gathered (1 byte a parameter on every rank,
+        at save time only): a collective, so every rank must call it, as Lightning does when
+        it saves a checkpoint.
+        """
+        out: list[Tensor | None] = []
+        for (_, p), m in zip(self.named_params, self.masks, strict=True):
+            if m is not None and is_sharded(p):
+                block = DTensor.from_local(
+                    m.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )
+                m = block.full_tensor().bool()
+            out.append(None if m is None else m.detach().cpu())
+        return out
 
     def load_mask_state(self, masks: Sequence[Tensor | None]) -> None:
         if len(masks) != len(self.masks):
@@ -342,6 +480,16 @@ class FisherSharpnessAwareMinimization(SharpnessAwareMinimization):
                 f"{len(self.masks)}; the checkpoint belongs to another model"
             )
         for i, ((_, p), m) in enumerate(zip(self.named_params, masks, strict=True)):
+            if m is not None and tuple(m.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"FSAM mask of {self.named_params[i][0]} has shape {tuple(m.shape)}, the "
+                    f"parameter {tuple(p.shape)}; the checkpoint belongs to another model"
+                )
+            if m is not None and is_sharded(p):
+                # This rank's block of the full mask (no communication).
+                _, offsets = block_offsets(p)
+                shape = local(p.detach()).shape
+                m = m[tuple(slice(o, o + n) for o, n in zip(offsets, shape, strict=True))]
             self.masks[i] = None if m is None else m.to(device=p.device, dtype=torch.bool)
         self.has_mask = any(m is not None for m in self.masks)
 

@@ -185,7 +185,11 @@ def test_noise_is_added_to_existing_gradients_and_none_is_skipped() -> None:
     zero = torch.zeros(50, requires_grad=True)
     zero.grad = torch.zeros(50)
     add_gradient_noise([skipped, w], 0.7, generator_seed=11)
-    add_gradient_noise([zero], 0.7, generator_seed=11)
+    # The noise of a parameter depends on its position in the list, not on whether the ones
+    # before it have a gradient this step.
+    with_grad = torch.zeros(7, requires_grad=True)
+    with_grad.grad = torch.zeros(7)
+    add_gradient_noise([with_grad, zero], 0.7, generator_seed=11)
     assert skipped.grad is None
     torch.testing.assert_close(w.grad - torch.arange(50.0), zero.grad)
     assert float(zero.grad.abs().min()) > 0
