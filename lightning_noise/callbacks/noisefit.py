@@ -114,8 +114,9 @@ class NoiseFiT(Callback):
 
     After fit starts, :attr:`selected` holds the chosen module names and :attr:`snr` the SNR
     of every candidate (``{name: value}``); both are logged (``noisefit/snr/<name>``),
-    printed on rank zero and checkpointed, so a resumed run keeps its layers. Under DDP the
-    calibration runs on rank zero and its choice is broadcast. The loss parts are logged as
+    printed on rank zero and checkpointed, so a resumed run keeps its layers. Under DDP and
+    FSDP2 every rank runs the calibration pass (a sharded forward needs every rank) and rank
+    zero's choice is broadcast. The loss parts are logged as
     ``noisefit/ce``, ``noisefit/soft`` and ``noisefit/consistency``.
     """
 
@@ -177,7 +178,9 @@ class NoiseFiT(Callback):
         self._rank = trainer.global_rank
         if not self.selected:  # a resumed run keeps the checkpointed choice
             choice = None
-            if trainer.is_global_zero:
+            # Under FSDP2 a forward is collective (it all-gathers the shards), so with several
+            # ranks every rank runs the clean pass; rank zero's choice is the one kept.
+            if trainer.is_global_zero or trainer.world_size > 1:
                 choice = self._calibrate(trainer, pl_module)
             if trainer.world_size > 1:
                 choice = trainer.strategy.broadcast(choice, src=0)
