@@ -11,6 +11,10 @@ Each takes ``impl="auto" | "triton" | "torch"``: ``"auto"`` runs Triton on CUDA 
 on the CPU when ``TRITON_INTERPRET=1`` asks for Triton's interpreter), PyTorch otherwise.
 :data:`LAUNCHES` counts the Triton launches per kernel. :class:`FusedSoftmax` and
 :class:`FusedCrossEntropyLoss` are drop-in modules (what the ``KernelSwap`` callback swaps in).
+Each kernel is a custom operator of the ``lightning_noise`` namespace
+(``torch.ops.lightning_noise.cross_entropy_forward``, ``..._backward``, ``softmax_*``,
+``linear_cross_entropy_*``) with a fake (meta) kernel and a registered backward, so a
+``torch.compile`` graph calls it as one node, without a graph break, on either path.
 Every backward is differentiable once: a second derivative (``create_graph=True`` then a
 second ``grad``) raises :class:`DoubleBackwardError`; use plain PyTorch ops for those.
 """
@@ -24,23 +28,17 @@ from lightning_noise.kernels._dispatch import (
     resolve_impl,
     triton_available,
 )
-from lightning_noise.kernels.cross_entropy import CrossEntropyFunction, cross_entropy
-from lightning_noise.kernels.linear_cross_entropy import (
-    LinearCrossEntropyFunction,
-    linear_cross_entropy,
-)
+from lightning_noise.kernels.cross_entropy import cross_entropy
+from lightning_noise.kernels.linear_cross_entropy import linear_cross_entropy
 from lightning_noise.kernels.modules import FusedCrossEntropyLoss, FusedSoftmax
-from lightning_noise.kernels.softmax import SoftmaxFunction, softmax
+from lightning_noise.kernels.softmax import softmax
 
 __all__ = [
     "IMPLS",
     "LAUNCHES",
-    "CrossEntropyFunction",
     "DoubleBackwardError",
     "FusedCrossEntropyLoss",
     "FusedSoftmax",
-    "LinearCrossEntropyFunction",
-    "SoftmaxFunction",
     "check_impl",
     "cross_entropy",
     "interpreting",

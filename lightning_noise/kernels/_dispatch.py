@@ -15,12 +15,12 @@ the Triton path really ran rather than silently falling back.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
 from collections import Counter
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -45,10 +45,18 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-@functools.cache
+#: Answers that hold for the whole process, computed once (a dict rather than functools.cache,
+#: whose wrapper torch.compile warns about; ``assume_constant_result`` makes it call these while
+#: tracing and keep the answer as a constant instead of tracing the import machinery inside).
+_ONCE: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    if "triton" not in _ONCE:
+        _ONCE["triton"] = importlib.util.find_spec("triton") is not None
+    return _ONCE["triton"]
 
 
 def interpreting() -> bool:
@@ -56,15 +64,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def _interpreter_ready() -> bool:
     """Whether Triton's language was imported in interpreter mode. ``triton.language``
     binds its library functions (``tl.max``, ...) for one mode when first imported, so
     ``TRITON_INTERPRET=1`` only works when set before anything imports Triton."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
+    if "interpreter" not in _ONCE:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(tl.max, InterpretedFunction)
+        _ONCE["interpreter"] = isinstance(tl.max, InterpretedFunction)
+    return _ONCE["interpreter"]
 
 
 _LATE_INTERPRET = (
@@ -74,7 +84,11 @@ _LATE_INTERPRET = (
 
 
 def resolve_impl(impl: str, tensor: Tensor) -> str:
-    """``"triton"`` or ``"torch"`` for ``impl`` on ``tensor``'s device (see the module doc)."""
+    """``"triton"`` or ``"torch"`` for ``impl`` on ``tensor``'s device (see the module doc).
+
+    Under ``torch.compile`` the choice is made once, while tracing, and the graph calls the
+    chosen path's custom operator (``torch.ops.lightning_noise.*``).
+    """
     if check_impl(impl) == "torch":
         return "torch"
     on_cpu = triton_available() and interpreting() and tensor.is_cpu

@@ -28,7 +28,13 @@ from lightning_noise.kernels._autograd import differentiable_once
 from lightning_noise.kernels._checks import check_logits_target, check_number, check_reduction
 from lightning_noise.kernels._dispatch import resolve_impl
 
-__all__ = ["CrossEntropyFunction", "cross_entropy", "rows_backward", "rows_forward"]
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_backward",
+    "cross_entropy_forward",
+    "rows_backward",
+    "rows_forward",
+]
 
 #: Rows per chunk of the PyTorch path: bounds its float32 temporaries to ~2**24 elements.
 _TORCH_CHUNK_ELEMENTS = 1 << 24
@@ -128,34 +134,94 @@ def rows_backward(
     return backward(x, target, lse, amax, grad_rows, ignore_index, eps, alpha, zl, out=out)
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """Per-row fused loss of ``[n, c]`` logits (columns contiguous) and ``[n]`` targets."""
+# The per-row loss is a custom operator (``torch.library.custom_op``) rather than an
+# ``autograd.Function``: ``torch.compile`` then puts one opaque call in its graph (no graph
+# break, the logits never re-materialised by a decomposition), its fake kernel gives the
+# outputs' shapes for tracing, and the backward below is traced into the compiled backward.
+@torch.library.custom_op("lightning_noise::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, lse, argmax)`` of ``[n, c]`` logits (columns contiguous) and ``[n]``
+    targets, by ``impl`` (``"triton"`` or ``"torch"``, already resolved). Differentiable with
+    respect to ``logits`` (once: see :mod:`lightning_noise.kernels._autograd`)."""
+    return rows_forward(logits, target, ignore_index, eps, alpha, zl, impl)
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logits: Tensor,
-        target: Tensor,
-        ignore_index: int,
-        eps: float,
-        alpha: float,
-        zl: float,
-        impl: str,
-    ) -> Tensor:
-        loss, lse, amax = rows_forward(logits, target, ignore_index, eps, alpha, zl, impl)
-        ctx.save_for_backward(logits, target, lse, amax)
-        ctx.options = (ignore_index, eps, alpha, zl, impl)
-        ctx.mark_non_differentiable(lse, amax)
-        return loss
 
-    @staticmethod
-    @differentiable_once("cross_entropy", "torch.nn.functional.cross_entropy")
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        logits, target, lse, amax = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = rows_backward(logits, target, lse, amax, grad_loss.contiguous(), *ctx.options)
-        return grad, None, None, None, None, None, None
+@cross_entropy_forward.register_fake
+def _cross_entropy_forward_fake(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = logits.shape[0]
+    loss = logits.new_empty(n, dtype=torch.float32)
+    return loss, torch.empty_like(loss), logits.new_empty(n, dtype=torch.int32)
+
+
+@torch.library.custom_op("lightning_noise::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    amax: Tensor,
+    grad_rows: Tensor,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+) -> Tensor:
+    """The logits' gradient of ``sum_i grad_rows[i] * loss_i`` (a new contiguous tensor)."""
+    return rows_backward(
+        logits, target, lse, amax, grad_rows.contiguous(), ignore_index, eps, alpha, zl, impl
+    )
+
+
+@cross_entropy_backward.register_fake
+def _cross_entropy_backward_fake(
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    amax: Tensor,
+    grad_rows: Tensor,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+) -> Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    logits, target, ignore_index, eps, alpha, zl, impl = inputs
+    _, lse, amax = output
+    ctx.save_for_backward(logits, target, lse, amax)
+    ctx.options = (ignore_index, eps, alpha, zl, impl)
+    ctx.mark_non_differentiable(lse, amax)
+
+
+@differentiable_once("cross_entropy", "torch.nn.functional.cross_entropy")
+def _backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    logits, target, lse, amax = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = cross_entropy_backward(logits, target, lse, amax, grad_loss, *ctx.options)
+    return grad, None, None, None, None, None, None
+
+
+cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_options(
@@ -230,7 +296,7 @@ def cross_entropy(
     flat_target = target.reshape(-1)
     if chosen == "triton":
         flat_target = flat_target.contiguous()
-    loss = CrossEntropyFunction.apply(
+    loss, _, _ = cross_entropy_forward(
         _as_rows(logits), flat_target, int(ignore_index), eps, alpha, zl, chosen
     )
     return reduce_rows(loss, flat_target, ignore_index, reduction, target.shape)

@@ -46,7 +46,11 @@ from lightning_noise.kernels.cross_entropy import (
     rows_forward,
 )
 
-__all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy"]
+__all__ = [
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward",
+    "linear_cross_entropy_forward",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,85 +118,181 @@ def _compute_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> torch
     return hidden.dtype if dtype is None else dtype
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-row fused loss of ``hidden [n, h] @ weight [v, h].T + bias`` against ``[n]``.
+# Custom operators (see cross_entropy.py for why not an autograd.Function). Under
+# ``torch.compile`` this matters beyond the graph break: the compiler sees one opaque call, so
+# it cannot materialise the ``N x V`` logits that the chunking exists to avoid.
+@torch.library.custom_op("lightning_noise::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    chunk: int,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, lse, argmax)`` of ``hidden [n, h] @ weight [v, h].T + bias`` against
+    ``[n]`` targets, ``chunk`` rows of logits at a time.
 
     ``dtype`` is the dtype the logits are computed in, forward and backward: ``hidden``,
     ``weight`` and ``bias`` are cast to it (autocast itself is switched off inside), and the
-    gradients come back in each input's own dtype.
+    gradients come back in each input's own dtype. Differentiable once with respect to
+    ``hidden``, ``weight`` and ``bias``.
     """
+    options = (ignore_index, eps, alpha, zl, impl)
+    n = hidden.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(loss)
+    amax = torch.empty(n, dtype=torch.int32, device=hidden.device)
+    with _without_autocast(hidden.device):
+        h, w, b = _cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        for lo, hi in _chunks(n, chunk):
+            logits = _logits(h[lo:hi], w, b)
+            loss[lo:hi], lse[lo:hi], amax[lo:hi] = rows_forward(logits, target[lo:hi], *options)
+            del logits
+    return loss, lse, amax
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        target: Tensor,
-        chunk: int,
-        options: tuple[int, float, float, float, str],
-        dtype: torch.dtype,
-    ) -> Tensor:
-        n = hidden.shape[0]
-        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(loss)
-        amax = torch.empty(n, dtype=torch.int32, device=hidden.device)
-        with _without_autocast(hidden.device):
-            h, w, b = _cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype)
-            for lo, hi in _chunks(n, chunk):
-                logits = _logits(h[lo:hi], w, b)
-                loss[lo:hi], lse[lo:hi], amax[lo:hi] = rows_forward(logits, target[lo:hi], *options)
-                del logits
-        # The inputs are saved as given and cast again in backward: a cast copy of the weight
-        # (as large as the weight) is not held from forward to backward.
-        ctx.save_for_backward(hidden, weight, bias, target, lse, amax)
-        ctx.chunk, ctx.options, ctx.dtype = chunk, options, dtype
-        ctx.mark_non_differentiable(lse, amax)
-        return loss
 
-    @staticmethod
-    @differentiable_once(
-        "linear_cross_entropy",
-        "torch.nn.functional.cross_entropy(hidden @ weight.T + bias, target)",
+@linear_cross_entropy_forward.register_fake
+def _linear_cross_entropy_forward_fake(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    chunk: int,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = hidden.shape[0]
+    loss = hidden.new_empty(n, dtype=torch.float32)
+    return loss, torch.empty_like(loss), hidden.new_empty(n, dtype=torch.int32)
+
+
+@torch.library.custom_op("lightning_noise::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    lse: Tensor,
+    amax: Tensor,
+    grad_loss: Tensor,
+    chunk: int,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+    dtype: torch.dtype,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum_i grad_loss[i] * loss_i``; a
+    gradient that ``needs`` (three flags) does not ask for, or the gradient of an absent bias,
+    is an empty ``[0]`` tensor (an operator returns tensors, not ``None``)."""
+    options = (ignore_index, eps, alpha, zl, impl)
+    need_h, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    grad_loss = grad_loss.contiguous()
+    acc = torch.float32  # the sums over chunks: see the module docstring
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+    # The same casts as forward, autocast off as there: the same logits, so that the lse
+    # stored forward normalises them exactly.
+    with _without_autocast(hidden.device):
+        h, w, b = _cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        for lo, hi in _chunks(hidden.shape[0], chunk):
+            logits = _logits(h[lo:hi], w, b)
+            g = rows_backward(
+                logits,
+                target[lo:hi],
+                lse[lo:hi],
+                amax[lo:hi],
+                grad_loss[lo:hi],
+                *options,
+                out=logits,  # the chunk's gradient replaces its logits: no second buffer
+            )
+            if grad_h is not None:
+                grad_h[lo:hi] = g @ w  # cast to hidden's dtype on assignment
+            if grad_w is not None:
+                if g.dtype == acc:
+                    grad_w.addmm_(g.t(), h[lo:hi])
+                else:  # the chunk's product rounded once, then summed in float32
+                    grad_w += g.t() @ h[lo:hi]
+            if grad_b is not None:
+                grad_b += g.sum(dim=0, dtype=acc)
+            del logits, g
+    none = hidden.new_empty(0)
+    return (
+        none if grad_h is None else grad_h,
+        none.clone() if grad_w is None else grad_w.to(weight.dtype),
+        none.clone() if grad_b is None else grad_b.to(bias.dtype),
     )
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, target, lse, amax = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_loss = grad_loss.contiguous()
-        acc = torch.float32  # the sums over chunks: see the module docstring
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = None
-        if need_b and bias is not None:
-            grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
-        # The same casts as forward, autocast off as there: the same logits, so that the lse
-        # stored forward normalises them exactly.
-        with _without_autocast(hidden.device):
-            h, w, b = _cast(hidden, ctx.dtype), _cast(weight, ctx.dtype), _cast(bias, ctx.dtype)
-            for lo, hi in _chunks(hidden.shape[0], ctx.chunk):
-                logits = _logits(h[lo:hi], w, b)
-                g = rows_backward(
-                    logits,
-                    target[lo:hi],
-                    lse[lo:hi],
-                    amax[lo:hi],
-                    grad_loss[lo:hi],
-                    *ctx.options,
-                    out=logits,  # the chunk's gradient replaces its logits: no second buffer
-                )
-                if grad_h is not None:
-                    grad_h[lo:hi] = g @ w  # cast to hidden's dtype on assignment
-                if grad_w is not None:
-                    if g.dtype == acc:
-                        grad_w.addmm_(g.t(), h[lo:hi])
-                    else:  # the chunk's product rounded once, then summed in float32
-                        grad_w += g.t() @ h[lo:hi]
-                if grad_b is not None:
-                    grad_b += g.sum(dim=0, dtype=acc)
-                del logits, g
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+@linear_cross_entropy_backward.register_fake
+def _linear_cross_entropy_backward_fake(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    lse: Tensor,
+    amax: Tensor,
+    grad_loss: Tensor,
+    chunk: int,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+    dtype: torch.dtype,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    need_h, need_w, need_b = needs
+    none = hidden.new_empty(0)
+    return (
+        torch.empty_like(hidden) if need_h else none,
+        weight.new_empty(weight.shape) if need_w else none.clone(),
+        bias.new_empty(bias.shape) if need_b and bias is not None else none.clone(),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    hidden, weight, bias, target, chunk, *options, dtype = inputs
+    _, lse, amax = output
+    # The inputs are saved as given and cast again in backward: a cast copy of the weight
+    # (as large as the weight) is not held from forward to backward.
+    ctx.save_for_backward(hidden, weight, bias, target, lse, amax)
+    ctx.chunk, ctx.options, ctx.dtype = chunk, tuple(options), dtype
+    ctx.mark_non_differentiable(lse, amax)
+
+
+@differentiable_once(
+    "linear_cross_entropy",
+    "torch.nn.functional.cross_entropy(hidden @ weight.T + bias, target)",
+)
+def _backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    hidden, weight, bias, target, lse, amax = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grad_h, grad_w, grad_b = linear_cross_entropy_backward(
+        hidden, weight, bias, target, lse, amax, grad_loss, ctx.chunk, *ctx.options, ctx.dtype,
+        needs,
+    )  # fmt: skip
+    grads = [g if need else None for g, need in zip((grad_h, grad_w, grad_b), needs, strict=True)]
+    if bias is None:
+        grads[2] = None
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(
@@ -261,8 +361,8 @@ def linear_cross_entropy(
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
     chosen = resolve_impl(impl, hidden)
-    options = (int(ignore_index), eps, alpha, zl, chosen)
-    loss = LinearCrossEntropyFunction.apply(
-        rows, weight, bias, flat_target, max(1, chunk_size), options, dtype
-    )
+    loss, _, _ = linear_cross_entropy_forward(
+        rows, weight, bias, flat_target, max(1, chunk_size), int(ignore_index), eps, alpha, zl,
+        chosen, dtype,
+    )  # fmt: skip
     return reduce_rows(loss, flat_target, ignore_index, reduction, target.shape)

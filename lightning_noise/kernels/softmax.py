@@ -19,26 +19,48 @@ from lightning_noise.kernels import _triton
 from lightning_noise.kernels._autograd import differentiable_once
 from lightning_noise.kernels._dispatch import resolve_impl
 
-__all__ = ["SoftmaxFunction", "softmax"]
+__all__ = ["softmax", "softmax_backward", "softmax_forward"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class SoftmaxFunction(torch.autograd.Function):
-    """Row softmax of a ``[n, c]`` matrix with contiguous columns, by the Triton kernels."""
+# Custom operators (see cross_entropy.py for why not an autograd.Function): the Triton path
+# is one opaque call in a ``torch.compile`` graph. The PyTorch path is ``torch.softmax``
+# itself, which the compiler knows already.
+@torch.library.custom_op("lightning_noise::softmax_forward", mutates_args=())
+def softmax_forward(x: Tensor) -> Tensor:
+    """Row softmax of a ``[n, c]`` matrix with contiguous columns, by the Triton kernel.
+    Differentiable once (see :mod:`lightning_noise.kernels._autograd`)."""
+    return _triton.softmax_forward(x)
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        y = _triton.softmax_forward(x)
-        ctx.save_for_backward(y)
-        return y
 
-    @staticmethod
-    @differentiable_once("softmax", "softmax(..., impl='torch'), which is torch.softmax")
-    def backward(ctx: Any, dy: Tensor) -> Tensor:
-        (y,) = ctx.saved_tensors
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        return _triton.softmax_backward(y, dy)
+@softmax_forward.register_fake
+def _softmax_forward_fake(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("lightning_noise::softmax_backward", mutates_args=())
+def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
+    """``dx = y * (dy - sum_k y_k dy_k)`` per row, by the Triton kernel."""
+    return _triton.softmax_backward(y, dy if dy.stride(-1) == 1 else dy.contiguous())
+
+
+@softmax_backward.register_fake
+def _softmax_backward_fake(y: Tensor, dy: Tensor) -> Tensor:
+    return y.new_empty(y.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(output)
+
+
+@differentiable_once("softmax", "softmax(..., impl='torch'), which is torch.softmax")
+def _backward(ctx: Any, dy: Tensor) -> Tensor:
+    (y,) = ctx.saved_tensors
+    return softmax_backward(y, dy)
+
+
+softmax_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def softmax(x: Tensor, dim: int = -1, *, impl: str = "auto") -> Tensor:
@@ -69,5 +91,5 @@ def softmax(x: Tensor, dim: int = -1, *, impl: str = "auto") -> Tensor:
     rows = moved.reshape(-1, moved.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    y = SoftmaxFunction.apply(rows)
+    y = softmax_forward(rows)
     return y.reshape(moved.shape).movedim(-1, dim)
