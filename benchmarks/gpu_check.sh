@@ -157,13 +157,16 @@ run_step device 60 "$py" "$scratch/device.py" "$([ "$dry_run" = 1 ] && echo cpu 
 
 # 3. The kernel tests: on the GPU with LIGHTNING_NOISE_TEST_DEVICE=cuda (tests/conftest.py
 # then leaves TRITON_INTERPRET unset and tests/kernels/conftest.py moves the inputs to CUDA).
+# Autotuning off (LIGHTNING_NOISE_AUTOTUNE=0): the tests' many odd sizes would each be tuned;
+# tests/kernels/test_tuning.py switches it on for its own check of the tuned path.
 run_step kernel-tests "$GPU_CHECK_TIMEOUT_TESTS" \
-    .venv/bin/pytest -q -p no:cacheprovider "${tests_args[@]}"
+    env LIGHTNING_NOISE_AUTOTUNE=0 .venv/bin/pytest -q -p no:cacheprovider "${tests_args[@]}"
 
 # 4. Kernel benchmark (time, peak memory, bandwidth on the GPU; correctness and the head +
 # loss's peak memory on the CPU). --no-record: the figures live in this results file.
+# Autotuned (the warm-up runs tune); TRITON_PRINT_AUTOTUNING=1 writes each choice here.
 run_step kernels-benchmark "$GPU_CHECK_TIMEOUT_KERNELS" \
-    "$py" benchmarks/kernels.py --no-record "${kernels_args[@]}"
+    env TRITON_PRINT_AUTOTUNING=1 "$py" benchmarks/kernels.py --no-record "${kernels_args[@]}"
 
 # 5. Each method's cost per optimizer step relative to plain training.
 run_step overhead-benchmark "$GPU_CHECK_TIMEOUT_OVERHEAD" \

@@ -152,8 +152,13 @@ def _report(
 def softmax_bytes(n: int, c: int, dtype: torch.dtype) -> int:
     """Bytes our softmax kernels move, forward + backward, for ``[n, c]`` on a GPU: 5 n c
     elements when a row fits in one block of columns, 8 n c when it does not (the forward
-    reads x twice, the backward reads y and dy twice)."""
-    _, block_c, _ = _triton._tiles(n, c, dtype, interpret=False)
+    reads x twice, the backward reads y and dy twice). The block is the one the autotuner
+    chose for the last launch (run the kernel first), else the fixed heuristic's."""
+    chosen = _triton.chosen_config("softmax_forward")
+    if chosen is not None:
+        block_c = chosen["BLOCK_C"]
+    else:
+        _, block_c, _ = _triton._tiles(n, c, dtype, interpret=False)
     return (5 if block_c >= c else 8) * n * c * dtype.itemsize
 
 
@@ -205,8 +210,12 @@ def _bench_losses(x: torch.Tensor, y: torch.Tensor, args, bw: float, compiled) -
     print(f"\nsoftmax N={n} C={c}\n{HEADER}")
     case = f"softmax/N{n}/C{c}/{args.dtype}"
     nbytes = dict.fromkeys(softmaxes, 5 * n * c * elem)
+    softmaxes["ours"]()  # the autotuner's choice for this C, before its bytes are counted
+    reset()
     nbytes["ours"] = softmax_bytes(n, c, x.dtype)
     rows += _report(softmaxes, nbytes=nbytes, bw=bw, case=case, repeats=args.repeats, reset=reset)
+    for kernel in ("ce_forward", "ce_backward", "softmax_forward", "softmax_backward"):
+        print(f"{kernel} configuration at C={c}: {_triton.chosen_config(kernel)}")
     return rows
 
 
