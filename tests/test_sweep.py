@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
+from lightning_noise import sweep as sweep_module
 from lightning_noise.cli import LightningNoiseCLI, build_cli, main
 from lightning_noise.loggers import SUMMARY_FILE
-from lightning_noise.sweep import expand_command, load_sweep
+from lightning_noise.sweep import expand_command, find_sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -79,6 +82,9 @@ def test_sweep_runs_two_trials_offline_with_their_metrics(tmp_path, monkeypatch)
         "method": "grid",
         "metric": {"name": "val/acc", "goal": "maximize"},
         "parameters": {"trainer.callbacks.rho": {"values": [0.05, 0.5]}},
+        # Two runs only: hyperband stops neither (each band's threshold is the worse of the
+        # two), but every run now writes its history for it.
+        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2},
         "command": [
             "lightning-noise",
             "fit",
@@ -86,7 +92,6 @@ def test_sweep_runs_two_trials_offline_with_their_metrics(tmp_path, monkeypatch)
             str(ROOT / "recipes" / "digits_sam.yaml"),
             "--config",
             str(ROOT / "configs" / "loggers" / "wandb.yaml"),
-            "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
             "--trainer.log_every_n_steps=1",
@@ -98,8 +103,25 @@ def test_sweep_runs_two_trials_offline_with_their_metrics(tmp_path, monkeypatch)
     }
     path = tmp_path / "sam_test.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    main(["sweep", str(path), "--count", "3", "--out", str(tmp_path / "out")])
+    # The override comes after the sweep's own arguments and reaches every run.
+    main(
+        [
+            "sweep",
+            str(path),
+            "--count",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+            "--trainer.max_epochs=2",
+        ]
+    )
     records = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    for record in records:
+        assert record["command"][-1] == "--trainer.max_epochs=2"
+        lines = (tmp_path / "out" / record["run"] / "history.jsonl").read_text().splitlines()
+        history = [json.loads(line) for line in lines]
+        assert [h["epoch"] for h in history] == [0, 1]  # one entry per validation run
+        assert history[-1]["val/acc"] == pytest.approx(record["objective"])
     assert [r["params"] for r in records] == [
         {"trainer.callbacks.rho": 0.05},
         {"trainer.callbacks.rho": 0.5},
@@ -161,3 +183,140 @@ def test_label_audit_reaches_wandb_as_a_table_and_an_image(tmp_path, monkeypatch
     assert json.loads(table.read_text())["columns"] == header
     summary = json.loads((logger.run_dir / "files" / SUMMARY_FILE).read_text())
     assert "label_audit/aum/f1" in summary
+
+
+#: A stand-in training program: it logs ``score`` = x + 0.01 * epoch to the sweep's history
+#: file once per "epoch", for 3 epochs when x >= 0.5 and 100 (10 s) otherwise, writes its
+#: summary at the end, and records the SIGTERM the sweep sends when it stops it.
+FAKE_PROGRAM = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    from pathlib import Path
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    Path(os.environ["FAKE_ARGV_DIR"], f"{os.getpid()}.json").write_text(json.dumps(sys.argv[1:]))
+    def stopped(signum, frame):
+        Path(os.environ["FAKE_ARGV_DIR"], "sigterm").write_text(args["x"])
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stopped)
+    x = float(args["x"])
+    last = None
+    for epoch in range(3 if x >= 0.5 else 100):
+        last = {"score": x + 0.01 * epoch, "epoch": epoch}
+        if not os.environ.get("FAKE_NO_HISTORY"):
+            with open(os.environ["LIGHTNING_NOISE_HISTORY"], "a") as f:
+                f.write(json.dumps(last) + "\\n")
+        time.sleep(0.1)
+    Path(os.environ["LIGHTNING_NOISE_SUMMARY"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(os.environ["LIGHTNING_NOISE_SUMMARY"]).write_text(json.dumps(last))
+    """
+)
+
+
+def _fake_sweep(tmp_path, monkeypatch, **fields) -> Path:
+    program = tmp_path / "train.py"
+    program.write_text(FAKE_PROGRAM)
+    monkeypatch.setenv("FAKE_ARGV_DIR", str(tmp_path))
+    config = {
+        "program": str(program),
+        "method": "grid",
+        "metric": {"name": "score", "goal": "maximize"},
+        "parameters": {"x": {"values": [0.9, 0.5, 0.1]}},
+        "command": [sys.executable, str(program), "${args}"],
+        **fields,
+    }
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_hyperband_stops_the_run_the_sweep_engine_names(tmp_path, monkeypatch, capsys) -> None:
+    import sweeps
+
+    early = {"type": "hyperband", "min_iter": 1, "eta": 2}  # bands at 1, 2, 4, ... entries
+    path = _fake_sweep(tmp_path, monkeypatch, early_terminate=early)
+    records = sweep_module.main([str(path), "--count", "3", "--out", str(tmp_path / "out")])
+    assert [r["state"] for r in records] == ["finished", "finished", "stopped"]
+    # At its 2nd entry the third run (0.10, 0.11) is below band 1's threshold: the median of
+    # the three runs' 2nd values (0.91, 0.51, 0.11) is 0.51.
+    assert records[2]["stopped_at"] == 2
+    assert (tmp_path / "sigterm").read_text() == "0.1"  # stopped by SIGTERM, as the agent does
+    assert records[2]["history"] < 100 and records[2]["returncode"] == 143
+    assert records[2]["objective"] == pytest.approx(0.1 + 0.01 * (records[2]["history"] - 1))
+    out = capsys.readouterr().out
+    assert "run fake-002 stopped early by hyperband after 2 score values" in out
+    assert "best (maximize score): fake-000 x=0.9" in out
+
+    # The oracle: the sweep engine's rule on the same histories stops the third run at its 2nd
+    # entry and not at its 1st, and never stops the first two.
+    def run(name, x, n, state):
+        history = [{"score": x + 0.01 * e} for e in range(n)]
+        # (history by its alias: this pydantic ignores the field name)
+        return sweeps.SweepRun(name=name, state=state, sampledHistory=history)
+
+    config = yaml.safe_load(path.read_text())
+    done = [run("a", 0.9, 3, "finished"), run("b", 0.5, 3, "finished")]
+    for n, stops in ((1, False), (2, True)):
+        third = run("c", 0.1, n, "running")
+        assert any(r is third for r in sweeps.stop_runs(config, [*done, third])) == stops
+    for n in (2, 3):
+        second = run("b", 0.5, n, "running")
+        assert sweeps.stop_runs(config, [done[0], second]) == []
+
+
+def test_overrides_reach_every_run_and_the_table_prints_plain_numbers(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    path = _fake_sweep(
+        tmp_path,
+        monkeypatch,
+        method="random",
+        parameters={"x": {"distribution": "uniform", "min": 0.5, "max": 1.0}},
+    )
+    records = sweep_module.main([str(path), "--count", "2", "--out", str(tmp_path / "o"), "--y=1"])
+    argvs = [json.loads(p.read_text()) for p in tmp_path.glob("[0-9]*.json")]
+    assert len(argvs) == 2
+    for argv in argvs:
+        assert argv[0].startswith("--x=") and argv[1:] == ["--y=1"]  # no history argument
+    saved = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert [r["params"] for r in saved] == [r["params"] for r in records]
+    assert all(type(r["params"]["x"]) is float and r["state"] == "finished" for r in records)
+    out = capsys.readouterr().out
+    assert "np." not in out and "float64" not in out
+    assert f"x={records[0]['params']['x']:.4g}" in out
+    with pytest.raises(SystemExit):
+        sweep_module.main([str(path), "stray"])  # an override must be --key=value
+    assert "overrides are --key=value" in capsys.readouterr().err
+
+
+def test_a_run_without_history_is_not_stopped_and_the_sweep_says_so(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    path = _fake_sweep(
+        tmp_path,
+        monkeypatch,
+        parameters={"x": {"values": [0.9]}},
+        early_terminate={"type": "hyperband", "min_iter": 1},
+    )
+    monkeypatch.setenv("FAKE_NO_HISTORY", "1")
+    (record,) = sweep_module.main([str(path), "--count", "1", "--out", str(tmp_path / "o")])
+    assert record["state"] == "finished"
+    assert "wrote no metric history" in capsys.readouterr().out
+
+
+def test_find_sweep_by_name_from_any_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert find_sweep("sam_rho") == ROOT / "configs" / "sweeps" / "sam_rho.yaml"
+    assert find_sweep("sam_rho.yaml").read_text() == find_sweep("sam_rho").read_text()
+    with pytest.raises(SystemExit, match=r"no sweep file or sweep named 'sam_rhoo'.*sam_rho"):
+        find_sweep("sam_rhoo")
+
+
+def test_sweep_history_argument_and_file_names_match_the_cli() -> None:
+    from lightning_noise import history, lightning_cli
+
+    assert sweep_module.SUMMARY_ENV == lightning_cli.SUMMARY_ENV
+    assert sweep_module.HISTORY_ARG.endswith("lightning_noise.history.MetricStream")
+    assert history.HISTORY_ENV == sweep_module.HISTORY_ENV
+    cmd = ["lightning-noise", "fit", "--config", "r.yaml"]
+    assert sweep_module._history_arg(cmd) == [sweep_module.HISTORY_ARG]
+    assert sweep_module._history_arg(["python", "train.py"]) == []
