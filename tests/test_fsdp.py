@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_noise.callbacks import ASAM, FSAM, SAM, GradientNoise, NonFiniteGuard
 from lightning_noise.callbacks.composition import REFUSED_STRATEGIES
@@ -48,12 +48,16 @@ def make_data() -> TensorDataset:
 
 
 class Net(pl.LightningModule):
-    """An MLP whose layers do not split evenly over two ranks (15 and 3 rows)."""
+    """An MLP whose layers do not split evenly over two ranks (15 and 3 rows).
 
-    def __init__(self) -> None:
+    Dropout checks that SAM's second pass replays the first pass's masks under FSDP2 too; the
+    resume runs leave it out (Lightning does not checkpoint the global RNG).
+    """
+
+    def __init__(self, dropout: float = 0.2) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(N_FEATURES, 15), nn.ReLU(), nn.Dropout(0.2),
+        self.net = nn.Sequential(nn.Linear(N_FEATURES, 15), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(15, N_CLASSES))  # fmt: skip
 
     def configure_model(self) -> None:
@@ -100,7 +104,8 @@ def fit(kind: str, callbacks, *, max_steps: int, root: str, ckpt_path=None, modu
         default_root_dir=root, limit_val_batches=0, num_sanity_val_steps=0,
     )  # fmt: skip
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    shard = torch.utils.data.Subset(make_data(), list(range(rank * PER_RANK, (rank + 1) * PER_RANK)))
+    mine = list(range(rank * PER_RANK, (rank + 1) * PER_RANK))
+    shard = torch.utils.data.Subset(make_data(), mine)
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     trainer.fit(module, StatefulDataLoader(shard, batch_size=BATCH), ckpt_path=ckpt_path)
@@ -156,11 +161,16 @@ def core_checks(out: dict) -> None:
         moved = [p.detach().full_tensor() for p in sharded_params]
         out.setdefault("sam_norm", []).append((float(norm_a), float(norm_b)))
         out.setdefault("sam_moved", []).append(
-            max(float((m - p.detach()).abs().max()) for m, p in zip(moved, full_params))
+            max(
+                float((m - p.detach()).abs().max()) for m, p in zip(moved, full_params, strict=True)
+            )
         )
         a.restore(), b.restore()
         out.setdefault("sam_restored", []).append(
-            all(torch.equal(p.detach().full_tensor(), x) for p, x in zip(sharded_params, before))
+            all(
+                torch.equal(p.detach().full_tensor(), x)
+                for p, x in zip(sharded_params, before, strict=True)
+            )
         )
     # GradientNoise: element for element the noise of the unsharded parameters.
     for p in (*full_params, *sharded_params):
@@ -168,8 +178,9 @@ def core_checks(out: dict) -> None:
     add_gradient_noise(full_params, 0.3, generator_seed=noise_seed(4, 7))
     add_gradient_noise(sharded_params, 0.3, generator_seed=noise_seed(4, 7))
     got = [p.grad.full_tensor() for p in sharded_params]
-    out["noise_diff"] = max(float((g - p.grad).abs().max()) for g, p in zip(got, full_params))
-    out["noise_equal"] = all(torch.equal(g, p.grad) for g, p in zip(got, full_params))
+    pairs = list(zip(got, full_params, strict=True))
+    out["noise_diff"] = max(float((g - p.grad).abs().max()) for g, p in pairs)
+    out["noise_equal"] = all(torch.equal(g, p.grad) for g, p in pairs)
     # NonFiniteGuard: a NaN in rank 1's shard only must stop both ranks.
     if dist.get_rank() == 1:
         sharded_params[0].grad.to_local()[0, 0] = float("nan")
@@ -196,8 +207,19 @@ def compare_main(out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+class SaveAt(pl.Callback):
+    """Save a checkpoint after the optimizer step that brings ``global_step`` to ``step``."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
 def resume_main(out_dir: str) -> None:
-    """Straight 5 steps vs 4 steps (mid-epoch 2), checkpoint, resume to 5; ASAM vs DDP."""
+    """5 steps straight, saving at step 4 (mid-epoch 2), vs resumed from there; ASAM vs DDP."""
     warnings.filterwarnings("ignore")
     results: dict = {}
 
@@ -207,20 +229,99 @@ def resume_main(out_dir: str) -> None:
         return [FSAM(rho=0.2, keep_ratio=0.3, mask_interval=3)]
 
     for name in ("sam", "fsam"):
-        _, straight = fit("fsdp", callbacks(name), max_steps=5, root=out_dir)
-        results[f"{name}_straight"] = full_state(straight)
-        trainer, _ = fit("fsdp", callbacks(name), max_steps=4, root=out_dir)
+        kw = dict(root=out_dir)
         ckpt = Path(out_dir, f"{name}.ckpt")
-        trainer.save_checkpoint(ckpt)
-        _, resumed = fit("fsdp", callbacks(name), max_steps=5, root=out_dir, ckpt_path=ckpt)
+        # Saved inside training (as ResumableCheckpoint does), at step 4 of 5: mid-epoch 2.
+        save = SaveAt(4, ckpt)
+        _, straight = fit("fsdp", [*callbacks(name), save], max_steps=5, module=Net(0.0), **kw)
+        results[f"{name}_straight"] = full_state(straight)
+        _, resumed = fit(
+            "fsdp", callbacks(name), max_steps=5, module=Net(0.0), ckpt_path=ckpt, **kw
+        )
         results[f"{name}_resumed"] = full_state(resumed)
-        _, plain = fit("fsdp", [], max_steps=5, root=out_dir)
-        results[f"{name}_plain"] = full_state(plain)
+    _, plain = fit("fsdp", [], max_steps=5, module=Net(0.0), root=out_dir)
+    results["plain"] = full_state(plain)
     for kind in ("ddp", "fsdp"):
         _, module = fit(kind, [ASAM(rho=0.5)], max_steps=5, root=out_dir)
         results[f"{kind}_asam"] = full_state(module)
     if torch.distributed.get_rank() == 0:
         torch.save(results, Path(out_dir, "resume.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------- loss- and batch-side callbacks
+#: Under FSDP2 as under DDP: callbacks and losses that act on losses, batches and data (the
+#: module and DataModule of tests/test_composition.py, its factories and invariants).
+OTHER_RUNS = {
+    "dynamics": (("TrainingDynamics", "LateStopping", "LabelAudit", "SmallLossSelection"), None),
+    "policies_elr": (("AdaptiveK", "SamplePolicyCallback"), "ELRLoss"),
+    "noisefit_sam": (("NoiseFiT", "SAM", "NonFiniteGuard"), None),
+}
+
+
+def others_main(out_dir: str) -> None:
+    from test_composition import (
+        FACTORIES,
+        NUM_SAMPLES,
+        Blobs,
+        Run,
+        UserNet,
+        check_policies,
+        check_steps,
+        check_weights_reused,
+        make_loss,
+        spy_on_policies,
+        with_needs,
+    )
+
+    from lightning_noise.dynamics import TrainingDynamics
+    from lightning_noise.losses import ELRLoss
+
+    class ShardedUserNet(UserNet):
+        def configure_model(self) -> None:
+            if isinstance(self.trainer.strategy, ModelParallelStrategy):
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                for block in self.blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(self, mesh=mesh)
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    results: dict = {}
+    tmp = Path(out_dir)
+    for key, (names, loss) in OTHER_RUNS.items():
+        for kind in ("ddp", "fsdp"):
+            callbacks = with_needs([FACTORIES[n](tmp / kind) for n in names], tmp / kind)
+            pl.seed_everything(0, verbose=False)
+            criterion = None
+            if loss == "ELRLoss":
+                criterion = make_loss(ELRLoss, num_samples=NUM_SAMPLES)
+            model = ShardedUserNet(criterion)
+            trainer = pl.Trainer(
+                accelerator="cpu", devices=2, strategy=make_strategy(kind), max_epochs=2,
+                callbacks=callbacks, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                limit_val_batches=0, num_sanity_val_steps=0,
+            )  # fmt: skip
+            run = Run(trainer, model, callbacks, {})
+            spy_on_policies(run)
+            trainer.fit(model, datamodule=Blobs())
+            steps = check_steps(run)
+            check_policies(run, steps)
+            check_weights_reused(run, steps)
+            dynamics = next((c for c in callbacks if isinstance(c, TrainingDynamics)), None)
+            results[f"{kind}_{key}"] = {
+                "steps": steps,
+                "params": full_state(model),
+                "store": None if dynamics is None else dynamics.store.state_dict(),
+                "callbacks": {type(c).__name__: c.state_dict() for c in callbacks},
+                "elr": None if criterion is None else criterion.targets.detach().cpu().clone(),
+            }
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, tmp / "others.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -263,13 +364,42 @@ def test_fsdp2_sam_fsam_gradient_noise_equal_ddp(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ddp
+def test_loss_and_batch_side_callbacks_under_fsdp2_equal_ddp(tmp_path) -> None:
+    from lightning_noise.dynamics.store import DynamicsStore
+
+    r = _run(tmp_path, "others")
+    for key in OTHER_RUNS:
+        ddp, fsdp = r[f"ddp_{key}"], r[f"fsdp_{key}"]
+        assert ddp["steps"] == fsdp["steps"] > 0, key
+        _assert_state_close(fsdp["params"], ddp["params"], rtol=1e-4, atol=1e-5)
+        if ddp["store"] is not None:  # TrainingDynamics: the same per-sample record
+            a, b = DynamicsStore(), DynamicsStore()
+            a.load_state_dict(ddp["store"]), b.load_state_dict(fsdp["store"])
+            assert torch.equal(a.history, b.history), key
+            assert torch.equal(a.update_count, b.update_count), key
+        if ddp["elr"] is not None:  # ELR's targets, all-gathered by index
+            torch.testing.assert_close(fsdp["elr"], ddp["elr"], rtol=1e-4, atol=1e-5)
+        for name, state in ddp["callbacks"].items():  # Late Stopping's rounds, NoiseFiT's
+            other = fsdp["callbacks"][name]  # layers, Adaptive-k's averages, ...
+            assert state.keys() == other.keys(), name
+            for field, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(other[field], value, rtol=1e-4, atol=1e-5)
+                elif isinstance(value, float):
+                    assert other[field] == pytest.approx(value, rel=1e-4, abs=1e-5), field
+                elif field not in ("history",):
+                    assert other[field] == value, (name, field)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_fsdp2_resume_mid_epoch_is_exact_and_asam_equals_ddp(tmp_path) -> None:
     r = _run(tmp_path, "resume")
     for name in ("sam", "fsam"):
         for key, value in r[f"{name}_straight"].items():
             assert torch.equal(value, r[f"{name}_resumed"][key]), (name, key)
         assert not torch.allclose(r[f"{name}_straight"]["net.0.weight"],
-                                  r[f"{name}_plain"]["net.0.weight"])  # fmt: skip
+                                  r["plain"]["net.0.weight"])  # fmt: skip
     _assert_state_close(r["fsdp_asam"], r["ddp_asam"], rtol=1e-5, atol=1e-6)
 
 
@@ -323,4 +453,6 @@ def test_tensor_parallel_and_local_perturbation_are_refused_under_fsdp2() -> Non
 
 
 if __name__ == "__main__":
-    {"compare": compare_main, "resume": resume_main}[sys.argv[2]](sys.argv[1])
+    {"compare": compare_main, "resume": resume_main, "others": others_main}[sys.argv[2]](
+        sys.argv[1]
+    )
