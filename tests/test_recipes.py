@@ -13,6 +13,7 @@ from lightning_noise.cli import find_recipe, list_recipes, main, recipe_summary
 ROOT = Path(__file__).resolve().parents[1]
 #: Recipes that need files a test writes first (below, and tests/test_cli.py).
 NEED_FILES = {"imagefolder_baseline"} | {p.stem for p in (ROOT / "recipes").glob("cifar*.yaml")}
+NEED_FILES |= {"digits_pretrained"}  # a weights file: tests/models/test_pretrained.py
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 

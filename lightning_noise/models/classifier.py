@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import inspect
+import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,20 +21,30 @@ from lightning_noise.mixins.noisefit import NoiseFiTMixin
 from lightning_noise.mixins.per_sample import PerSampleLossMixin
 from lightning_noise.types import SampleBatch
 
-__all__ = ["ImageClassifier", "create_backbone"]
+__all__ = ["ImageClassifier", "create_backbone", "load_backbone_weights"]
 
 OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
-def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
-    """Build a randomly initialised timm model, with a clear error for unknown names.
+def create_backbone(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int = 3,
+    pretrained_file: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a timm model, randomly initialised or from a local weights file, with a clear
+    error for unknown names.
 
     Pretrained weights are never downloaded (``pretrained=False``): this library runs
-    offline. Extra ``kwargs`` go to ``timm.create_model`` (``drop_rate``, ``img_size``, ...),
-    except ``cifar_stem=True``: a timm ResNet adapted to 32x32 inputs as the noisy-label papers'
-    CIFAR ResNets are (He et al.'s CIFAR variant): a 3x3 stride-1 first convolution and no
-    max-pooling, so the first stage sees 32x32 maps instead of 8x8.
+    offline. ``pretrained_file`` loads every weight but the classifier head from a local file
+    (see :func:`load_backbone_weights`); the head is timm's fresh initialisation for
+    ``num_classes``. Extra ``kwargs`` go to ``timm.create_model`` (``drop_rate``,
+    ``img_size``, ...), except ``cifar_stem=True``: a timm ResNet adapted to 32x32 inputs as
+    the noisy-label papers' CIFAR ResNets are (He et al.'s CIFAR variant): a 3x3 stride-1
+    first convolution and no max-pooling, so the first stage sees 32x32 maps instead of 8x8.
 
     Example:
         >>> net = create_backbone("resnet18", num_classes=10, in_chans=1)
@@ -47,10 +60,11 @@ def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs:
             f"timm does not know a backbone named {name!r}{hint} "
             "(list them with `timm.list_models('*resnet*')`)"
         )
-    if kwargs.pop("pretrained", False):
+    if kwargs.pop("pretrained", False) or "pretrained_cfg_overlay" in kwargs:
         raise ValueError(
-            "pretrained weights cannot be downloaded here; load your own weights with "
-            "`pretrained_cfg_overlay=dict(file=...)` in backbone_kwargs, or train from scratch"
+            "pretrained weights cannot be downloaded here; give a local weights file instead "
+            "(ImageClassifier(pretrained_file=...), in a recipe model.init_args.pretrained_file; "
+            "create_backbone(..., pretrained_file=...)), or train from scratch"
         )
     cifar_stem = bool(kwargs.pop("cifar_stem", False))
     model = timm.create_model(
@@ -65,7 +79,126 @@ def create_backbone(name: str, *, num_classes: int, in_chans: int = 3, **kwargs:
             )
         model.conv1 = nn.Conv2d(in_chans, conv1.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
+    if pretrained_file is not None:
+        load_backbone_weights(model, pretrained_file)
     return model
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a weights file: safetensors, or a ``torch.save`` file read with
+    ``weights_only=True`` (a bare state dict, or a checkpoint holding one under
+    ``"state_dict"``, ``"model"`` or ``"state_dict_ema"``)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickles of arbitrary objects, truncated files, not torch
+        raise ValueError(
+            f"cannot read weights from {path}: {error}. Give a state dict saved with "
+            "torch.save(model.state_dict(), path) or a .safetensors file (the "
+            "file is read with weights_only=True: no pickled objects)"
+        ) from error
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise ValueError(
+            f"{path} holds no state dict of tensors (got {type(loaded).__name__}); save the "
+            "backbone with torch.save(model.state_dict(), path)"
+        )
+    return loaded
+
+
+def _strip_prefix(state: dict[str, Tensor], keys: set[str]) -> dict[str, Tensor]:
+    """``state`` with the prefix of a wrapper removed when the model's keys need it: an
+    ImageClassifier checkpoint's ``backbone.``, DDP's ``module.``."""
+    for prefix in ("backbone.", "module.", "model."):
+        if not (state.keys() & keys) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    """The module names of the classifier head(s): timm's ``pretrained_cfg["classifier"]``
+    (a name or a tuple, e.g. a distilled ViT's two heads), or ``get_classifier()``."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier")
+    names = [names] if isinstance(names, str) else list(names or [])
+    if not names and hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        names = [n for n, m in model.named_modules() if m is head and n]
+    return names
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into a timm ``model``, all but its classifier head.
+
+    The file is a state dict of the same architecture (``torch.save(model.state_dict())``,
+    a ``.safetensors`` file such as timm's own pretrained files, or a checkpoint holding one,
+    e.g. an ImageClassifier checkpoint, whose ``backbone.`` prefix is removed). As timm's own
+    pretrained loader does, the model's ``checkpoint_filter_fn`` (if its timm module has one:
+    e.g. ViTs resample position embeddings to another ``img_size``) is applied and the first
+    convolution is adapted when the file has another number of input channels
+    (``timm.models.adapt_input_conv``: RGB weights summed for one channel). The head named by
+    timm's ``pretrained_cfg["classifier"]`` is never loaded: it keeps the model's own
+    initialisation for its ``num_classes``. Unlike timm (which loads non-strictly when the
+    class count differs), every other weight must be in the file with its shape, and the file
+    must hold nothing else: any mismatch is a ``ValueError`` naming the keys.
+
+    Example:
+        >>> import tempfile
+        >>> source = create_backbone("resnet10t", num_classes=4)
+        >>> path = tempfile.mkdtemp() + "/resnet10t.pt"
+        >>> torch.save(source.state_dict(), path)
+        >>> model = create_backbone("resnet10t", num_classes=10, pretrained_file=path)
+        >>> torch.equal(model.conv1[0].weight, source.conv1[0].weight), model.fc.out_features
+        (True, 10)
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained_file {str(path)!r} does not exist; give the path of a local weights "
+            "file (a state dict saved with torch.save(model.state_dict(), path) or a "
+            ".safetensors file); nothing is downloaded"
+        )
+    own = model.state_dict()
+    state = _strip_prefix(_read_state_dict(path), set(own))
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if callable(filter_fn):  # as timm's load_pretrained calls it
+        takes_model = len(inspect.signature(filter_fn).parameters) > 1
+        state = filter_fn(state, model) if takes_model else filter_fn(state)
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    for name in [first] if isinstance(first, str) else list(first or []):
+        key = f"{name}.weight"
+        if key in state and key in own and state[key].dim() == 4:
+            if state[key].shape[1] != own[key].shape[1]:
+                from timm.models import adapt_input_conv
+
+                state[key] = adapt_input_conv(own[key].shape[1], state[key])
+    heads = tuple(f"{name}." for name in _head_names(model))
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
+    wanted = {k for k in own if not k.startswith(heads)}
+    missing = sorted(wanted - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in wanted & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} weights missing from the file ({missing[:4]}...)")
+        if unexpected:
+            problems.append(f"{len(unexpected)} not in the model ({unexpected[:4]}...)")
+        for k in wrong[:4]:
+            problems.append(f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+        raise ValueError(
+            f"{path} does not match the backbone {type(model).__name__}: "
+            + "; ".join(problems)
+            + ". Use the backbone name and backbone_kwargs the file was saved from (same "
+            "architecture and width; only the head and the input channels may differ)"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
@@ -91,6 +224,12 @@ class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
         num_classes: number of classes (LightningCLI links it from the DataModule).
         in_chans: input channels (linked from the DataModule).
         backbone_kwargs: extra keyword arguments for ``timm.create_model``.
+        pretrained_file: a local weights file of the same backbone to fine-tune from (see
+            :func:`load_backbone_weights`): every weight is loaded but the classifier head,
+            which is freshly initialised for ``num_classes``. ``None``: train from scratch.
+            The file is read when the module is built, also when it is rebuilt from one of its
+            own checkpoints (whose weights then replace the file's); pass
+            ``pretrained_file=None`` to ``load_from_checkpoint`` if the file is gone.
         criterion: a loss module called as ``criterion(logits, target)`` (any loss of
             :mod:`lightning_noise.losses`); its ``reduction`` is set to ``"none"``. It must
             return one loss per sample. A criterion with ``needs_index = True`` also gets
@@ -118,6 +257,7 @@ class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         ece_bins: int = 15,
+        pretrained_file: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -128,7 +268,11 @@ class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
             raise ValueError(f"ece_bins must be >= 1, got {ece_bins}")
         self.save_hyperparameters(ignore=["criterion", "optimizer", "scheduler"])
         self.backbone = create_backbone(
-            backbone, num_classes=num_classes, in_chans=in_chans, **(backbone_kwargs or {})
+            backbone,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            pretrained_file=pretrained_file,
+            **(backbone_kwargs or {}),
         )
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         if hasattr(self.criterion, "reduction"):
