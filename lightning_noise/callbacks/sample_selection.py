@@ -35,6 +35,7 @@ from lightning_noise.functional.selection import (
     adaptive_k_threshold,
     adaptive_k_update,
     check_schedule,
+    check_schedule_offset,
     coteaching_forget_rate,
     num_kept,
     small_loss_mask,
@@ -62,9 +63,10 @@ class SmallLossSelection(SamplePolicyCallback):
     smallest loss get weight 1 and the others 0, so the training loss is their mean. The
     forget rate ``R(T)`` follows the official schedule (see :func:`coteaching_forget_rate`):
     0 at epoch 0, a linear ramp to ``forget_rate ** exponent`` at epoch ``num_gradual - 1``,
-    ``forget_rate`` afterwards. At least one sample is always kept. Ties are broken by
-    position in the batch. The current ``R(T)`` is logged as ``small_loss/forget_rate``; the
-    mixin logs ``train/kept_fraction``.
+    ``forget_rate`` afterwards, read at ``T + schedule_offset`` (default 0: one epoch later
+    than the official loop, whose first training epoch is its epoch 1). At least one sample
+    is always kept. Ties are broken by position in the batch. The current ``R(T)`` is logged
+    as ``small_loss/forget_rate``; the mixin logs ``train/kept_fraction``.
 
     Differences from Co-teaching itself: one network selects for itself (Co-teaching's two
     networks select for each other, which is what protects it from its own confirmation bias),
@@ -85,6 +87,11 @@ class SmallLossSelection(SamplePolicyCallback):
             5, 10, 15").
         exponent: ``c``, > 0 (Co-teaching: 1; "can be 0.5, 1, 2"); see
             :func:`coteaching_forget_rate` for how the official code applies it.
+        schedule_offset: added to ``trainer.current_epoch`` before the schedule is read. 0
+            (default): epoch 0 keeps every sample (the paper's Algorithm 1), one epoch later
+            than the official run. 1: epochs counted as the official training loop counts
+            them (``range(1, n_epoch)``), so the first epoch already drops
+            ``tau / (T_k - 1)``.
 
     Raises:
         ValueError: for bad hyperparameters (in ``__init__``).
@@ -99,17 +106,29 @@ class SmallLossSelection(SamplePolicyCallback):
         >>> trainer = pl.Trainer(callbacks=[selection], logger=False, enable_progress_bar=False)
     """
 
-    def __init__(self, forget_rate: float, num_gradual: int = 10, exponent: float = 1.0) -> None:
+    def __init__(
+        self,
+        forget_rate: float,
+        num_gradual: int = 10,
+        exponent: float = 1.0,
+        schedule_offset: int = 0,
+    ) -> None:
         super().__init__()
         check_schedule(forget_rate, num_gradual, exponent)
         self.forget_rate = float(forget_rate)
         self.num_gradual = num_gradual
         self.exponent = float(exponent)
+        self.schedule_offset = check_schedule_offset(schedule_offset)
 
     @property
     def state_key(self) -> str:
+        extra = {"schedule_offset": self.schedule_offset} if self.schedule_offset else {}
+        # The offset joins the key only when set, so checkpoints of earlier runs still load.
         return self._generate_state_key(
-            forget_rate=self.forget_rate, num_gradual=self.num_gradual, exponent=self.exponent
+            forget_rate=self.forget_rate,
+            num_gradual=self.num_gradual,
+            exponent=self.exponent,
+            **extra,
         )
 
     def forget_rate_at(self, epoch: int) -> float:
@@ -119,6 +138,7 @@ class SmallLossSelection(SamplePolicyCallback):
             forget_rate=self.forget_rate,
             num_gradual=self.num_gradual,
             exponent=self.exponent,
+            schedule_offset=self.schedule_offset,
         )
 
     def select(

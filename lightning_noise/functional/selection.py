@@ -25,11 +25,15 @@ from torch import Tensor
 from lightning_noise._validate import check_number, is_int, is_real
 
 __all__ = [
+    "OFFICIAL_PLUS_AGREEMENT_STEPS",
     "AdaptiveKState",
     "adaptive_k_threshold",
     "adaptive_k_update",
     "check_schedule",
+    "check_schedule_offset",
     "coteaching_forget_rate",
+    "coteaching_plus_official_disagreement",
+    "coteaching_plus_official_update_gate",
     "coteaching_selection",
     "num_kept",
     "small_loss_mask",
@@ -53,17 +57,32 @@ def check_schedule(forget_rate: Any, num_gradual: Any, exponent: Any) -> None:
         )
 
 
+def check_schedule_offset(schedule_offset: Any) -> int:
+    if not is_int(schedule_offset) or schedule_offset < 0:
+        raise ValueError(
+            f"schedule_offset must be an integer >= 0 (0: the paper's Algorithm 1, epoch 0 "
+            f"keeps every sample; 1: the official training loop), got {schedule_offset!r}"
+        )
+    return int(schedule_offset)
+
+
 def coteaching_forget_rate(
-    epoch: int, *, forget_rate: float, num_gradual: int = 10, exponent: float = 1.0
+    epoch: int,
+    *,
+    forget_rate: float,
+    num_gradual: int = 10,
+    exponent: float = 1.0,
+    schedule_offset: int = 0,
 ) -> float:
-    """Co-teaching's forget rate ``R(T)`` at 0-based ``epoch``, exactly as the official code.
+    """Co-teaching's forget rate ``R(T)`` at 0-based ``epoch``: the official code's schedule.
 
     The official ``bhanML/Co-teaching`` ``main.py`` builds::
 
         rate_schedule = np.ones(n_epoch) * forget_rate
         rate_schedule[:num_gradual] = np.linspace(0, forget_rate ** exponent, num_gradual)
 
-    and this function returns ``rate_schedule[epoch]`` (bit for bit, for any ``n_epoch``): a
+    and this function returns ``rate_schedule[epoch + schedule_offset]`` (bit for bit, for any
+    ``n_epoch``): a
     linear ramp from 0 at epoch 0 to ``forget_rate ** exponent`` at epoch ``num_gradual - 1``,
     then ``forget_rate`` from epoch ``num_gradual`` on.
 
@@ -75,18 +94,24 @@ def coteaching_forget_rate(
     * ``exponent`` (the paper's ``c``) raises ``forget_rate``, not the time: the ramp is linear
       up to ``tau ** c`` and then jumps to ``tau`` (up for ``c > 1``, down for ``c < 1``).
 
-    Off by one: the official training loop runs ``for epoch in range(1, n_epoch)`` (its epoch
-    0 only evaluates the random initialisation), so its first training epoch already forgets
-    ``rate_schedule[1]``. Here ``epoch`` is Lightning's 0-based ``trainer.current_epoch``, so
-    the first training epoch uses ``rate_schedule[0] = 0`` and keeps every sample, as in the
-    paper's Algorithm 1 (which updates ``R(T)`` at the end of epoch ``T``); the whole schedule
-    is one epoch later than the official run's.
+    The epoch count (``schedule_offset``): the official training loops (Co-teaching's and
+    Co-teaching+'s ``main.py``) run ``for epoch in range(1, n_epoch)``; their epoch 0 only
+    evaluates the random initialisation, so their first training epoch already forgets
+    ``rate_schedule[1] = tau / (T_k - 1)``. ``epoch`` here is Lightning's 0-based
+    ``trainer.current_epoch``. With ``schedule_offset=0`` (the default) the first training
+    epoch uses ``rate_schedule[0] = 0`` and keeps every sample, as the paper's Algorithm 1
+    (which updates ``R(T)`` at the end of epoch ``T``): the whole schedule is one epoch later
+    than the official run's. ``schedule_offset=1`` counts epochs as the official loop does,
+    so training epoch ``e`` forgets exactly what the official run's ``e``-th training epoch
+    forgets.
 
     Args:
         epoch: 0-based epoch, >= 0.
         forget_rate: ``tau``, the final fraction of each mini-batch to drop, in ``[0, 1)``.
         num_gradual: ``T_k``, the number of ramp epochs, >= 1.
         exponent: ``c``, > 0.
+        schedule_offset: added to ``epoch`` before the schedule is read: 0 (the paper's
+            Algorithm 1, the default) or 1 (the official training loop), >= 0.
 
     Returns:
         The fraction of each mini-batch to drop at ``epoch``.
@@ -94,10 +119,16 @@ def coteaching_forget_rate(
     Example:
         >>> [round(coteaching_forget_rate(e, forget_rate=0.4, num_gradual=5), 2) for e in range(6)]
         [0.0, 0.1, 0.2, 0.3, 0.4, 0.4]
+        >>> rates = [coteaching_forget_rate(e, forget_rate=0.4, num_gradual=5, schedule_offset=1)
+        ...          for e in range(5)]
+        >>> [round(r, 2) for r in rates]
+        [0.1, 0.2, 0.3, 0.4, 0.4]
     """
     check_schedule(forget_rate, num_gradual, exponent)
+    check_schedule_offset(schedule_offset)
     if not is_int(epoch) or epoch < 0:
         raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+    epoch = epoch + schedule_offset
     if epoch >= num_gradual:
         return float(forget_rate)
     if num_gradual == 1:  # np.linspace(0, x, 1) == [0.0]
@@ -171,6 +202,7 @@ def coteaching_selection(
     forget_rate: float,
     *,
     disagree: Tensor | None = None,
+    keep_all_when_none_kept: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Which samples update each network: ``(keep_for_net1, keep_for_net2)``.
 
@@ -185,6 +217,9 @@ def coteaching_selection(
         loss2: ``[B]`` per-sample losses of network 2.
         forget_rate: fraction dropped, in [0, 1).
         disagree: optional ``[B]`` bool mask of disagreement.
+        keep_all_when_none_kept: when ``int((1 - forget_rate) * n)`` is 0, keep all ``n``
+            candidates, as the official Co-teaching+ ``loss_coteaching`` does (default: keep
+            one, :func:`num_kept`).
 
     Example:
         >>> loss1, loss2 = torch.tensor([0.1, 0.9]), torch.tensor([0.8, 0.2])
@@ -202,10 +237,70 @@ def coteaching_selection(
         if not bool(disagree.any()):
             return candidates, candidates.clone()
         candidates = disagree.bool()
-    k = num_kept(int(candidates.sum()), forget_rate)
+    n = int(candidates.sum())
+    k = num_kept(n, forget_rate)
+    if keep_all_when_none_kept and int((1.0 - forget_rate) * n) == 0:
+        k = n
     picked_by_1 = small_loss_mask(loss1, k, candidates=candidates)
     picked_by_2 = small_loss_mask(loss2, k, candidates=candidates)
     return picked_by_2, picked_by_1
+
+
+#: Co-teaching+'s official code trains on a batch the two networks fully agree on only while
+#: ``epoch * i < 5000`` (``i`` the batch's position in the epoch): its ``step < 5000`` gate.
+OFFICIAL_PLUS_AGREEMENT_STEPS = 5000
+
+
+def coteaching_plus_official_disagreement(disagree: Tensor, index: Tensor) -> Tensor:
+    """Co-teaching+'s disagreement set as the official ``loss_coteaching_plus`` forms it.
+
+    The official code (``xingruiyu/coteaching_plus``, ``loss.py``) collects the dataset
+    indices of the disagreeing samples as ``ind * mask`` and keeps the non-zero entries, which
+    also drops the sample whose dataset index is 0. It then truncates its list of batch
+    positions to that length (``disagree_id[:ind_disagree.shape[0]]``). So when the sample of
+    dataset index 0 is among the disagreements, the *last* disagreeing position of the batch
+    leaves the set (index 0 itself stays unless it is the last). Computed on the device.
+
+    Args:
+        disagree: ``[B]`` bool, where the networks' arg-max predictions differ.
+        index: ``[B]`` dataset indices of the batch.
+
+    Example:
+        >>> d = torch.tensor([True, False, True, True])
+        >>> coteaching_plus_official_disagreement(d, torch.tensor([5, 0, 0, 7])).tolist()
+        [True, False, True, False]
+        >>> coteaching_plus_official_disagreement(d, torch.tensor([5, 1, 2, 7])).tolist()
+        [True, False, True, True]
+    """
+    if disagree.dim() != 1 or index.shape != disagree.shape:
+        raise ValueError(
+            f"disagree and index must be [B] tensors of one shape, got "
+            f"{tuple(disagree.shape)} and {tuple(index.shape)}"
+        )
+    disagree = disagree.bool()
+    positions = torch.arange(disagree.shape[0], device=disagree.device)
+    has_zero = (disagree & (index == 0)).any()
+    last = torch.where(disagree, positions, -1).max() if disagree.numel() else positions.sum()
+    return disagree & ~(has_zero & (positions == last))
+
+
+def coteaching_plus_official_update_gate(
+    epoch: int, batch_idx: int, limit: int = OFFICIAL_PLUS_AGREEMENT_STEPS
+) -> float:
+    """1.0 while ``epoch * batch_idx < limit``, else 0.0: the official code's weight of a batch
+    on which the two networks agree everywhere (``update_step``; ``epoch`` counted as the
+    official loop counts it, from 1).
+
+    Example:
+        >>> gate = coteaching_plus_official_update_gate
+        >>> gate(25, 199), gate(26, 199)  # 4975 and 5174 steps
+        (1.0, 0.0)
+    """
+    if not is_int(epoch) or epoch < 0 or not is_int(batch_idx) or batch_idx < 0:
+        raise ValueError(
+            f"epoch and batch_idx must be integers >= 0, got {epoch!r} and {batch_idx!r}"
+        )
+    return 1.0 if epoch * batch_idx < limit else 0.0
 
 
 def adaptive_k_update(

@@ -18,7 +18,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_noise.functional.selection import coteaching_forget_rate, coteaching_selection
+from lightning_noise.functional.selection import (
+    OFFICIAL_PLUS_AGREEMENT_STEPS,
+    coteaching_forget_rate,
+    coteaching_plus_official_disagreement,
+    coteaching_plus_official_update_gate,
+    coteaching_selection,
+)
 from lightning_noise.types import SampleBatch
 
 __all__ = ["CoTeachingMixin", "coteaching_forget_rate", "coteaching_selection"]
@@ -39,18 +45,51 @@ class CoTeachingMixin:
 
     Attributes read from the module: ``forget_rate`` (float in [0, 1)), ``num_gradual``,
     ``exponent`` and ``plus_start_epoch`` (``None`` for Co-teaching, an epoch for
-    Co-teaching+).
+    Co-teaching+), and optionally ``schedule_offset`` (default 0) and ``plus_variant``
+    (default ``"paper"``).
+
+    **Epochs** (``schedule_offset``). The schedule epoch is ``current_epoch +
+    schedule_offset``: it picks the forget rate (:func:`coteaching_forget_rate`), is compared
+    with ``plus_start_epoch``, and enters the official agreement gate below. 0 (default): the
+    first epoch keeps every sample (the paper's Algorithm 1). 1: epochs counted as the
+    official training loops count them (``for epoch in range(1, n_epoch)``), so the first
+    epoch already forgets ``tau / (T_k - 1)`` and ``plus_start_epoch=20`` starts Co-teaching+
+    where the official CIFAR-10 run does (``init_epoch = 20``).
+
+    **Co-teaching+ variants** (``plus_variant``), from ``plus_start_epoch`` on:
+
+    * ``"paper"`` (default): the small-loss exchange among the samples on which the networks'
+      arg-max predictions differ, on the module's per-sample loss of the logits; when they
+      agree on the whole batch, both are trained on every sample.
+    * ``"official_code"``: what ``loss_coteaching_plus`` of ``xingruiyu/coteaching_plus``
+      does, which differs in three ways: (1) the loss (for ranking and for the update) is
+      the per-sample loss of the *softmax probabilities*, so cross-entropy applies a second
+      softmax; (2) when the sample of dataset index 0 is among the disagreements, the last
+      disagreeing sample of the batch leaves the set
+      (:func:`~lightning_noise.functional.selection.coteaching_plus_official_disagreement`);
+      (3) a batch on which the networks agree everywhere is trained on only while
+      ``schedule_epoch * batch_idx < 5000`` (the loss is 0 after). Also as that code: when
+      ``int((1 - R) * n)`` of ``n`` disagreements is 0, all ``n`` are kept. Use it with
+      ``schedule_offset=1`` to count epochs as that code does. ``coteaching_step`` then needs
+      ``batch_idx``.
+
+    In both, the loss is the plain mean over the picks (the official code's extra division
+    by the number kept is not reproduced).
     """
 
     forget_rate: float
     num_gradual: int
     exponent: float
     plus_start_epoch: int | None
+    #: Added to ``current_epoch`` to give the schedule epoch (0: paper, 1: official loop).
+    schedule_offset: int = 0
+    #: ``"paper"`` or ``"official_code"`` (see the class docstring).
+    plus_variant: str = "paper"
 
     #: Sample policies (``SmallLossSelection``, ``AdaptiveK``) refuse this module at setup.
     selects_own_samples = True
     _selection_paused: bool = False
-    _last_selection: tuple[Tensor, Tensor] | None = None
+    _last_selection: tuple[Tensor, Tensor, float | None] | None = None
 
     @contextlib.contextmanager
     def paused_updates(self) -> Iterator[None]:
@@ -66,38 +105,73 @@ class CoTeachingMixin:
     def coteaching_networks(self) -> tuple[nn.Module, nn.Module]:  # pragma: no cover
         raise NotImplementedError
 
+    def schedule_epoch(self) -> int:
+        """``current_epoch + schedule_offset``: the epoch the schedule and the gate read."""
+        return int(getattr(self, "current_epoch", 0)) + int(self.schedule_offset)
+
     def current_forget_rate(self) -> float:
-        epoch = int(getattr(self, "current_epoch", 0))
         return coteaching_forget_rate(
-            epoch,
+            self.schedule_epoch(),
             forget_rate=self.forget_rate,
             num_gradual=self.num_gradual,
             exponent=self.exponent,
         )
 
     def coteaching_step(
-        self, x: Tensor, target: Tensor, index: Tensor
+        self, x: Tensor, target: Tensor, index: Tensor, batch_idx: int | None = None
     ) -> tuple[Tensor, SampleBatch, dict[str, Any]]:
-        """Forward both networks, select, and return ``(loss, batch of net 1, stats)``."""
+        """Forward both networks, select, and return ``(loss, batch of net 1, stats)``.
+
+        ``batch_idx`` (the batch's position in the epoch) is needed by
+        ``plus_variant="official_code"`` only.
+        """
+        if self.plus_variant not in ("paper", "official_code"):
+            raise ValueError(
+                f"plus_variant must be 'paper' or 'official_code', got {self.plus_variant!r}"
+            )
         net1, net2 = self.coteaching_networks()
         logits1, logits2 = net1(x), net2(x)
-        loss1 = self.per_sample_loss(logits1, target)  # type: ignore[attr-defined]
-        loss2 = self.per_sample_loss(logits2, target)  # type: ignore[attr-defined]
+        epoch = self.schedule_epoch()
+        plus = self.plus_start_epoch is not None and epoch >= self.plus_start_epoch
+        official = plus and self.plus_variant == "official_code"
+        if official and batch_idx is None:
+            raise ValueError(
+                "plus_variant='official_code' gates agreeing batches by epoch * batch_idx: "
+                "call coteaching_step(x, target, index, batch_idx=batch_idx)"
+            )
+        # The official Co-teaching+ code feeds softmax outputs to F.cross_entropy.
+        inputs1, inputs2 = logits1, logits2
+        if official:
+            inputs1, inputs2 = logits1.softmax(1), logits2.softmax(1)
+        loss1 = self.per_sample_loss(inputs1, target)  # type: ignore[attr-defined]
+        loss2 = self.per_sample_loss(inputs2, target)  # type: ignore[attr-defined]
         rate = self.current_forget_rate()
         disagree = None
-        epoch = int(getattr(self, "current_epoch", 0))
-        if self.plus_start_epoch is not None and epoch >= self.plus_start_epoch:
+        if plus:
             disagree = logits1.detach().argmax(1) != logits2.detach().argmax(1)
+            if official:
+                disagree = coteaching_plus_official_disagreement(disagree, index)
         if self._selection_paused and self._last_selection is not None:
-            keep1, keep2 = self._last_selection
+            keep1, keep2, gate = self._last_selection
         else:
-            keep1, keep2 = coteaching_selection(loss1, loss2, rate, disagree=disagree)
-            self._last_selection = (keep1, keep2)
+            keep1, keep2 = coteaching_selection(
+                loss1, loss2, rate, disagree=disagree, keep_all_when_none_kept=official
+            )
+            gate = None
+            if official and not bool(disagree.any()):  # type: ignore[union-attr]
+                step = int(batch_idx)  # type: ignore[arg-type]
+                gate = coteaching_plus_official_update_gate(
+                    epoch, step, OFFICIAL_PLUS_AGREEMENT_STEPS
+                )
+            self._last_selection = (keep1, keep2, gate)
         loss = loss1[keep1].mean() + loss2[keep2].mean()
+        if gate is not None:
+            loss = loss * gate
         stats = {
             "forget_rate": rate,
             "kept_fraction": float(keep1.float().mean()),
             "keep_for_net1": keep1,
             "keep_for_net2": keep2,
+            "agreement_gate": 1.0 if gate is None else gate,
         }
         return loss, SampleBatch.create(index, target, logits1, loss1), stats

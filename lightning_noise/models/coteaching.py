@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from lightning_noise._validate import check_choice
+from lightning_noise.functional.selection import check_schedule_offset
 from lightning_noise.mixins.coteaching import CoTeachingMixin
 from lightning_noise.models.classifier import (
     ImageClassifier,
@@ -41,8 +43,18 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
         num_gradual: T_k, the epochs of the linear ramp (official default 10).
         exponent: c in the ramp's ``tau ** c`` end point (official default 1).
         plus_start_epoch: epoch from which Co-teaching+ selects among disagreements
-            (official: 0 MNIST, 20 CIFAR-10, 5 CIFAR-100); ``None`` for plain Co-teaching.
+            (official: 0 MNIST, 20 CIFAR-10, 5 CIFAR-100, counted as ``schedule_offset=1``
+            counts); ``None`` for plain Co-teaching.
         predict_with: ``"first"`` or ``"ensemble"``.
+        schedule_offset: added to Lightning's 0-based epoch before the forget-rate schedule,
+            ``plus_start_epoch`` and the official agreement gate read it: 0 (default) keeps
+            every sample in the first epoch (the paper's Algorithm 1); 1 counts epochs as the
+            official training loop (``range(1, n_epoch)``), whose first epoch already
+            forgets ``tau / (T_k - 1)``.
+        plus_variant: ``"paper"`` (default) or ``"official_code"``: the official
+            Co-teaching+ loss (cross-entropy of softmax probabilities, its dataset-index-0
+            quirk, agreeing batches trained on only while ``epoch * batch_idx < 5000``); see
+            :class:`~lightning_noise.mixins.CoTeachingMixin`.
     """
 
     def __init__(
@@ -61,6 +73,8 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
         exponent: float = 1.0,
         plus_start_epoch: int | None = None,
         predict_with: Literal["first", "ensemble"] = "first",
+        schedule_offset: int = 0,
+        plus_variant: Literal["paper", "official_code"] = "paper",
     ) -> None:
         super().__init__(
             backbone, num_classes, in_chans, backbone_kwargs, criterion, optimizer, scheduler,
@@ -82,6 +96,8 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
             raise ValueError(f"plus_start_epoch must be None or >= 0, got {plus_start_epoch!r}")
         if predict_with not in ("first", "ensemble"):
             raise ValueError(f"predict_with must be 'first' or 'ensemble', got {predict_with!r}")
+        self.schedule_offset = check_schedule_offset(schedule_offset)
+        self.plus_variant = check_choice("plus_variant", plus_variant, ("paper", "official_code"))
         self.forget_rate = forget_rate  # type: ignore[assignment]  (resolved at train start)
         self.num_gradual = num_gradual
         self.exponent = float(exponent)
@@ -117,7 +133,7 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, target, index = self._unpack_train(batch)
-        loss, sample_batch, stats = self.coteaching_step(x, target, index)
+        loss, sample_batch, stats = self.coteaching_step(x, target, index, batch_idx=batch_idx)
         self.log_train_step(loss, sample_batch)
         n = len(sample_batch)
         self.log("coteaching/forget_rate", stats["forget_rate"], on_epoch=True, batch_size=n)

@@ -77,6 +77,7 @@ def test_ensemble_prediction_averages_probabilities() -> None:
     ("kwargs", "match"),
     [({"forget_rate": 1.0}, "forget_rate"), ({"num_gradual": 0}, "num_gradual"),
      ({"exponent": 0.0}, "exponent"), ({"plus_start_epoch": -1}, "plus_start_epoch"),
+     ({"schedule_offset": -1}, "schedule_offset"), ({"plus_variant": "code"}, "plus_variant"),
      ({"predict_with": "mean"}, "predict_with")],
 )  # fmt: skip
 def test_bad_hyperparameters(kwargs, match) -> None:
@@ -113,7 +114,13 @@ def test_resume_is_exact_for_both_networks(tmp_path, plus) -> None:
     assert any(k.startswith("backbone2.") for k in straight.state_dict())
 
 
-def test_recipe_runs_from_the_cli(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--model.init_args.plus_start_epoch=1", "--model.init_args.schedule_offset=1",
+          "--model.init_args.plus_variant=official_code"]],
+    ids=["co-teaching", "co-teaching+ official code"],
+)  # fmt: skip
+def test_recipe_runs_from_the_cli(tmp_path, extra) -> None:
     from lightning_noise.cli import build_cli
 
     cli = build_cli(
@@ -123,11 +130,15 @@ def test_recipe_runs_from_the_cli(tmp_path) -> None:
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-            "--model.init_args.backbone=test_resnet", "--data.init_args.image_size=8",
+            "--model.init_args.backbone=test_resnet", "--data.init_args.image_size=8", *extra,
         ]
     )  # fmt: skip
     assert isinstance(cli.model, CoTeachingClassifier)
     assert "coteaching/forget_rate" in cli.trainer.callback_metrics
+    if extra:  # epoch 0 counts as the official loop's epoch 1: Co-teaching+ and tau / 9
+        assert cli.model.plus_variant == "official_code" and cli.model.schedule_epoch() == 1
+        rate = float(cli.trainer.callback_metrics["coteaching/forget_rate"])
+        assert rate == pytest.approx(cli.model.forget_rate / 9)
 
 
 def _ddp_main(out_dir: str) -> None:
