@@ -133,8 +133,9 @@ class PromptResponseDataModule(pl.LightningDataModule):
     """Answer-only fine-tuning data from JSONL prompt/response pairs (see the module docstring).
 
     Args:
-        train_file: JSONL file of the training pairs.
-        tokenizer: Folder of a saved Hugging Face tokenizer (usually the model's folder).
+        train_file: JSONL file of the training pairs (required; ``None`` only lets a recipe
+            leave it to the command line).
+        tokenizer: Folder of a saved Hugging Face tokenizer, usually the model's (required).
         val_file, test_file: Optional JSONL files of held-out pairs.
         prompt_field, response_field: The JSON fields of the prompt and the response.
         max_length: Longest sequence in tokens; longer pairs are cut at the end.
@@ -153,8 +154,8 @@ class PromptResponseDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_file: str,
-        tokenizer: str,
+        train_file: str | None = None,
+        tokenizer: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
         prompt_field: str = "prompt",
@@ -166,6 +167,12 @@ class PromptResponseDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        for name, value in (("train_file", train_file), ("tokenizer", tokenizer)):
+            if value is None:
+                raise ValueError(
+                    f"PromptResponseDataModule needs {name} (a local path); on the command line "
+                    f"--data.init_args.{name}=PATH"
+                )
         self.save_hyperparameters()
         self.max_length = check_int("max_length", max_length, minimum=2)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)

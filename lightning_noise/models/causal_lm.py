@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_noise import kernels
+from lightning_noise._compat import attached_trainer
 from lightning_noise.functional.lm_head import FusedLMHead, find_lm_head
 from lightning_noise.losses import LabelSmoothingCrossEntropy, MaxSupLoss
 from lightning_noise.mixins.noisefit import NoiseFiTMixin
@@ -76,8 +77,9 @@ def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | N
     """
     if (pretrained is None) == (config is None):
         raise ValueError(
-            "give exactly one of pretrained (a local folder written by save_pretrained) and "
-            "config (AutoConfig.for_model keyword arguments)"
+            "give exactly one of pretrained (a local folder written by save_pretrained; on the "
+            "command line --model.init_args.pretrained=PATH) and config (AutoConfig.for_model "
+            "keyword arguments)"
         )
     transformers = _transformers()
     if pretrained is not None:
@@ -269,7 +271,7 @@ class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
         loss = self.reduce_loss(pair_losses, sample)
         if logits is not None:
             loss = self.noisefit_loss(loss, logits, lambda: self(batch)[:, :-1], mask=valid)
-        elif find_callbacks(self.trainer, LossTransform):
+        elif find_callbacks(attached_trainer(self), LossTransform):
             raise ValueError(
                 "NoiseFiT needs the model's logits, which the fused head + loss never makes; "
                 "use KernelSwap(fused_head=False) with NoiseFiT"

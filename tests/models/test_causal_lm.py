@@ -1,0 +1,168 @@
+"""CausalLMModule: answer-only token losses, the fused head, LoRA, NoiseFiT, sample selection."""
+
+from __future__ import annotations
+
+import doctest
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import _hf
+
+import lightning_noise.models.causal_lm as causal_lm_module
+from lightning_noise.callbacks import KernelSwap, NoiseFiT, SmallLossSelection
+from lightning_noise.data import PromptResponseDataModule
+from lightning_noise.losses import LabelSmoothingCrossEntropy, MaxSupLoss
+from lightning_noise.models import CausalLMModule
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    _hf.write_model(root / "model")
+    _hf.write_pairs(root / "train.jsonl")
+    return root
+
+
+def _data(files, **kwargs) -> PromptResponseDataModule:
+    return PromptResponseDataModule(
+        str(files / "train.jsonl"), str(files / "model"), batch_size=4, **kwargs
+    )
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(causal_lm_module, raise_on_error=True).failed == 0
+
+
+def test_loss_is_the_mean_over_pairs_of_the_answer_tokens_cross_entropy(files) -> None:
+    lm = CausalLMModule(str(files / "model"))
+    batch = next(iter(_data(files).train_dataloader()))
+    out = lm.training_step(batch, 0)
+    logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = []
+    for row in range(batch["input_ids"].shape[0]):
+        target = batch["labels"][row, 1:]
+        answer = target != -100
+        assert 0 < answer.sum() < answer.numel()  # the prompt is not learned
+        want.append(F.cross_entropy(logits[row, :-1][answer], target[answer]))
+    torch.testing.assert_close(out["per_sample_loss"], torch.stack(want).detach())
+    torch.testing.assert_close(out["loss"], torch.stack(want).mean())
+    # The observers see each pair's first answer token.
+    first = (batch["labels"][:, 1:] != -100).int().argmax(dim=1)
+    rows = torch.arange(4)
+    torch.testing.assert_close(out["target"], batch["labels"][:, 1:][rows, first])
+    torch.testing.assert_close(out["logits"], logits[:, :-1][rows, first].detach())
+
+
+@pytest.mark.parametrize(
+    "criterion",
+    [
+        LabelSmoothingCrossEntropy(0.0, reduction="none"),
+        LabelSmoothingCrossEntropy(0.1, reduction="none"),
+        MaxSupLoss(0.1, None, reduction="none"),
+    ],
+    ids=["ce", "label_smoothing", "maxsup"],
+)
+def test_fused_head_gives_the_unfused_losses_and_gradients(files, criterion) -> None:
+    plain = CausalLMModule(str(files / "model"), criterion=criterion)
+    fused = CausalLMModule(str(files / "model"), criterion=criterion)
+    KernelSwap(fused_head=True, impl="torch").swap(fused)
+    assert fused._fusion is not None
+    batch = next(iter(_data(files).train_dataloader()))
+    a, b = plain.training_step(batch, 0), fused.training_step(batch, 0)
+    a["loss"].backward()
+    b["loss"].backward()
+    torch.testing.assert_close(b["per_sample_loss"], a["per_sample_loss"])
+    torch.testing.assert_close(b["logits"], a["logits"])
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_head_refuses_noisefit_and_an_unknown_criterion(files, tmp_path) -> None:
+    class OwnTokenLoss(torch.nn.Module):
+        reduction = "none"
+
+        def forward(self, logits, target):
+            return F.cross_entropy(logits, target, reduction="none")
+
+    lm = CausalLMModule(str(files / "model"), criterion=OwnTokenLoss())
+    with pytest.raises(ValueError, match="OwnTokenLoss is none of those"):
+        lm.enable_fused_head("torch")
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[KernelSwap(fused_head=True), NoiseFiT(num_layers=1)],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match="NoiseFiT needs the model's logits"):
+        trainer.fit(CausalLMModule(str(files / "model")), datamodule=_data(files))
+
+
+def test_lora_trains_only_the_adapters_and_noisefit_finds_the_blocks(files, tmp_path) -> None:
+    pl.seed_everything(0, verbose=False)
+    lm = CausalLMModule(str(files / "model"), lora_r=4, lora_alpha=8)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in lm.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+    noisefit = NoiseFiT(num_layers=2, calibration_passes=2)
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[noisefit],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(lm, datamodule=_data(files))
+    assert len(noisefit.selected) == 2
+    assert all(".layers." in name for name in noisefit.selected)
+    params = dict(lm.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(params[n], p) for n, p in before.items())
+    assert torch.isfinite(trainer.callback_metrics["noisefit/soft"])
+
+
+def test_small_loss_selection_keeps_whole_pairs(files, tmp_path) -> None:
+    selection = SmallLossSelection(forget_rate=0.5, num_gradual=1)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[selection],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(CausalLMModule(str(files / "model")), datamodule=_data(files))
+    # Second epoch: half of each batch of 4 pairs is kept.
+    assert trainer.callback_metrics["train/kept_fraction"] == pytest.approx(0.5)
+
+
+def test_bad_setups_fail_clearly(files, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        CausalLMModule(str(tmp_path))
+    with pytest.raises(ValueError, match="exactly one of pretrained"):
+        CausalLMModule()
+    with pytest.raises(ValueError, match="embedding only 64 rows"):
+        CausalLMModule(str(files / "model"), num_classes=65)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        CausalLMModule(str(files / "model"), criterion=LabelSmoothingCrossEntropy(0.1))
+    with pytest.raises(ValueError, match="lora_r"):
+        CausalLMModule(str(files / "model"), lora_r=0)
+    with pytest.raises(ValueError, match="needs a model_type"):
+        CausalLMModule(config={"vocab_size": 64})
+    sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    built = CausalLMModule(config={"model_type": "llama", "vocab_size": 40, **sizes})
+    assert type(built.model).__name__ == "LlamaForCausalLM"
+    assert built.model.config.vocab_size == 40 and built.model.training
