@@ -13,6 +13,8 @@ from lightning_noise.cli import find_recipe, list_recipes, main, recipe_summary
 ROOT = Path(__file__).resolve().parents[1]
 #: Recipes that need files a test writes first (below, and tests/test_cli.py).
 NEED_FILES = {"imagefolder_baseline"} | {p.stem for p in (ROOT / "recipes").glob("cifar*.yaml")}
+#: Hugging Face recipes fine-tune a local model folder the user names (tested below).
+NEED_FILES |= {p.stem for p in (ROOT / "recipes").glob("hf_*.yaml")}
 NEED_FILES |= {"digits_pretrained"}  # a weights file: tests/models/test_pretrained.py
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
@@ -123,12 +125,19 @@ def test_cifar_recipes_run_on_generated_cifar_files(tmp_path, cifar_files, name)
     main(args)
 
 
+#: The papers' 32x32 networks (lightning_noise/models/backbones.py): no stem to adapt.
+CIFAR_NETWORKS = ("coteaching_cnn", "preact_resnet18", "preact_resnet34")
+
+
 def test_cifar_recipes_use_the_cifar_resnet() -> None:
     from lightning_noise.models import create_backbone
 
     for name in sorted(n for n in NEED_FILES if n.startswith("cifar")):
         text = find_recipe(name).read_text()
-        assert "backbone: resnet18" in text and "cifar_stem: true" in text, name
+        backbone = yaml.safe_load(text)["model"]["init_args"]["backbone"]
+        if backbone in CIFAR_NETWORKS:
+            continue
+        assert backbone in ("resnet18", "resnet34") and "cifar_stem: true" in text, name
     net = create_backbone("resnet18", num_classes=10, cifar_stem=True).eval()
     features = net.forward_features(torch.zeros(1, 3, 32, 32))
     assert features.shape[-2:] == (4, 4)  # 32 / 8: no stride-2 stem, no max-pool
@@ -152,3 +161,46 @@ def test_data_presets_compose_after_a_recipe() -> None:
         assert cli.datamodule.noise.kind == want["noise"]["kind"], preset.name
         assert cli.datamodule.noise.rate == pytest.approx(want["noise"]["rate"]), preset.name
         assert cli.datamodule.hparams.image_size == 16  # the recipe's other settings kept
+
+
+@pytest.mark.parametrize("name", ["hf_causal_lm_noisefit", "hf_causal_lm_lora_noisefit"])
+def test_hf_recipes_fine_tune_a_saved_tiny_llama_from_the_cli(tmp_path, name) -> None:
+    """A random 4-block Llama and a word-level tokenizer saved with save_pretrained, prompt/
+    response pairs in a JSONL file: `lightning-noise fit --config <recipe>` fine-tunes them."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import _hf
+
+    model_dir = _hf.write_model(tmp_path / "model")
+    pairs = _hf.write_pairs(tmp_path / "train.jsonl")
+    main(
+        [
+            "fit",
+            "--config",
+            str(find_recipe(name)),
+            f"--model.init_args.pretrained={model_dir}",
+            f"--data.init_args.tokenizer={model_dir}",
+            f"--data.init_args.train_file={pairs}",
+            f"--data.init_args.val_file={pairs}",
+            "--data.init_args.batch_size=8",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=True)
+    selected = checkpoint["callbacks"]["NoiseFiT"]["selected"]
+    assert len(selected) == 3 and all(".layers." in layer for layer in selected)
+    state = checkpoint["state_dict"]
+    saved = _hf.llama().state_dict()  # the weights write_model saved
+    if name == "hf_causal_lm_lora_noisefit":
+        lora = [k for k in state if "lora_B" in k]
+        assert lora and any(state[k].abs().sum() > 0 for k in lora)  # B starts at 0, moved
+        base = "model.base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"
+        assert torch.equal(state[base], saved["model.layers.0.mlp.down_proj.weight"])  # frozen
+    else:
+        key = "model.model.layers.0.mlp.down_proj.weight"
+        assert not torch.equal(state[key], saved["model.layers.0.mlp.down_proj.weight"])

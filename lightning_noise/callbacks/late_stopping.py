@@ -19,7 +19,7 @@ The trainer-free core is :mod:`lightning_noise.functional.late_stopping`: ``roun
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -47,6 +47,11 @@ from lightning_noise.types import find_callback
 
 __all__ = ["LateStopping", "RoundPlan", "fkl_selection", "round_schedule"]
 
+#: A callable from parameters to an optimizer (LightningCLI builds it from ``class_path``).
+OptimizerCallable = Callable[[Iterable[Any]], torch.optim.Optimizer]
+#: A callable from an optimizer to an LR scheduler.
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
 
 class LateStopping(Callback):
     """Late Stopping (Yuan et al., ICCV 2023) in one ``Trainer.fit``: the callback runs the rounds.
@@ -69,7 +74,8 @@ class LateStopping(Callback):
        resumable whatever builds the model; it is checkpointed with the callback);
     3. re-creates the optimizers and LR schedulers from ``configure_optimizers`` (fresh
        state; a scheduler restarts with the round). :attr:`in_final_run` tells
-       ``configure_optimizers`` which run it configures.
+       ``configure_optimizers`` which run it configures; or give ``final_optimizer`` (and
+       ``final_scheduler``) and the final run uses those instead of the module's.
 
     After the last selection round, a final run trains the re-initialised model on the kept
     set for ``final_epochs`` epochs, then the callback stops training. Give the Trainer
@@ -109,6 +115,15 @@ class LateStopping(Callback):
         max_round_epochs: A selection round that has not reached its target after this
             many epochs ends without removing anything (with a warning), as the official
             code's rounds do after ``EPOCH = 300`` epochs.
+        final_optimizer: The optimizer of the final run, a callable from the parameters to
+            an optimizer (in YAML a ``class_path`` with ``init_args``). ``None``: the module's
+            ``configure_optimizers`` (which may read :attr:`in_final_run`). The official
+            scripts train the selection rounds with SGD lr 0.01 and no schedule and the final
+            run with SGD lr 0.02 (momentum 0.9, weight decay 5e-4).
+        final_scheduler: The final run's LR scheduler, a callable from the optimizer, stepped
+            once per epoch from the final run's first epoch (official:
+            ``MultiStepLR(milestones=[10, 20, 40, 60, 80], gamma=0.5)``). Needs
+            ``final_optimizer``; ``None``: a constant LR.
 
     Example:
         >>> late = LateStopping(rate=0.955, rounds_per_k=(4, 4, 4), warmup_epochs=7)
@@ -124,7 +139,25 @@ class LateStopping(Callback):
         warmup_epochs: int = 7,
         final_epochs: int = 300,
         max_round_epochs: int = 300,
+        final_optimizer: OptimizerCallable | None = None,
+        final_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
+        if final_scheduler is not None and final_optimizer is None:
+            raise ValueError(
+                "final_scheduler needs final_optimizer (the optimizer it schedules); give "
+                "final_optimizer too, e.g. {class_path: torch.optim.SGD, init_args: {lr: 0.02}}"
+            )
+        for name, value in (
+            ("final_optimizer", final_optimizer),
+            ("final_scheduler", final_scheduler),
+        ):
+            if value is not None and not callable(value):
+                raise ValueError(
+                    f"{name} must be a callable (an optimizer/scheduler class, a "
+                    f"functools.partial of one, or a class_path in YAML), got {value!r}"
+                )
+        self.final_optimizer = final_optimizer
+        self.final_scheduler = final_scheduler
         self.rounds_per_k = check_rounds(rounds_per_k)
         self.rate = check_rates(rate, len(self.rounds_per_k))
         self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, minimum=0)
@@ -144,6 +177,7 @@ class LateStopping(Callback):
         self._initial_state: dict[str, Tensor] | None = None
         self._source: Any = None
         self._original_loader: Any = None
+        self._module: Any = None  # whose configure_optimizers is wrapped (final_optimizer)
 
     @property
     def state_key(self) -> str:
@@ -203,12 +237,50 @@ class LateStopping(Callback):
         if self._original_loader is not None and self._source is not None:
             del self._source.train_dataloader  # back to the class's method
         self._original_loader = None
+        if self._module is not None:
+            del self._module.configure_optimizers  # back to the class's method
+            self._module = None
+
+    def configure_final_run(self, parameters: Iterable[Any]) -> Any:
+        """The final run's optimizer (and scheduler, stepped every epoch), in the form
+        ``configure_optimizers`` returns, from ``final_optimizer`` / ``final_scheduler``."""
+        if self.final_optimizer is None:
+            raise ValueError("configure_final_run needs final_optimizer")
+        optimizer = self.final_optimizer(parameters)
+        if self.final_scheduler is None:
+            return optimizer
+        scheduler = self.final_scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def _use_final_optimizer(self, pl_module: pl.LightningModule) -> None:
+        """Have ``pl_module.configure_optimizers`` return the final run's optimizer once the
+        selection rounds are over (on this instance only, undone at the end of fit).
+
+        Lightning calls it when fit starts (after a resume, after this callback's state is
+        restored, so a run resumed in the final run gets the final optimizer and loads its
+        saved state) and :meth:`_restart` calls it at each round switch.
+        """
+        if self.final_optimizer is None or self._module is not None:
+            return
+        original = pl_module.configure_optimizers
+
+        def configure_optimizers() -> Any:
+            if self.in_final_run:
+                return self.configure_final_run(pl_module.parameters())
+            return original()
+
+        pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+        self._module = pl_module
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         find_callback(trainer, TrainingDynamics, needed_by="LateStopping")
         self._source = self._find_source(trainer, pl_module)
+        self._use_final_optimizer(pl_module)
         if not can_reload_train_dataloader(trainer):
             raise RuntimeError(  # pragma: no cover - guards a Lightning-internal change
                 "LateStopping cannot make this Lightning version reload its training loader; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import doctest
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +26,7 @@ from _trainers import ddp_trainer, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torch.optim.lr_scheduler import MultiStepLR
 
 import lightning_noise.callbacks.late_stopping as late_stopping_module
 from lightning_noise.callbacks import LateStopping
@@ -161,6 +163,8 @@ def test_fkl_selection_is_the_official_counting(k, warm_up) -> None:
         (dict(warmup_epochs=-1), "warmup_epochs must be an integer >= 0"),
         (dict(final_epochs=0), "final_epochs must be an integer >= 1"),
         (dict(max_round_epochs=1.5), "max_round_epochs must be an integer >= 1"),
+        (dict(final_scheduler=partial(MultiStepLR, milestones=[1])), "needs final_optimizer"),
+        (dict(final_optimizer=0.02), "final_optimizer must be a callable"),
     ],
 )
 def test_bad_hyperparameters_raise_with_the_value(kwargs, match) -> None:
@@ -390,6 +394,68 @@ def test_cli_recipe_runs_end_to_end(tmp_path) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert late.finished and len(late.rounds) == 1
     assert cli.datamodule.train_indices.tolist() == late.kept.tolist()
+
+
+# ------------------------------------------------------------------- the final run's optimizer
+class LRRecorder(pl.Callback):
+    """The optimizer's type and LR each epoch trains with."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[str, float]] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        optimizer = trainer.optimizers[0]
+        self.seen[trainer.current_epoch] = (
+            type(optimizer).__name__,
+            optimizer.param_groups[0]["lr"],
+        )
+
+
+def _fit_final_run(root: Path, ckpt: Path | None = None):
+    pl.seed_everything(0, verbose=False)
+    late = LateStopping(
+        rate=0.3,  # one short round: 30% of the set learned once
+        rounds_per_k=(1,),
+        warmup_epochs=0,
+        final_epochs=5,
+        final_optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        final_scheduler=partial(MultiStepLR, milestones=[1, 3], gamma=0.5),
+    )
+    net, recorder = model(), LRRecorder()  # the rounds: the module's AdamW(lr=1e-3)
+    every = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = make_trainer(
+        root,
+        [TrainingDynamics(), late, recorder, every],
+        max_epochs=-1,
+        enable_checkpointing=True,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(net, datamodule=digits(), ckpt_path=ckpt)
+    return net, late, recorder
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_final_run_uses_its_own_optimizer_and_schedule_and_resumes(tmp_path) -> None:
+    """As the official scripts: rounds with one optimizer and no schedule, then a final run
+    with its own optimizer and MultiStepLR (here milestones [1, 3]), stepped per epoch."""
+    straight, late, recorder = _fit_final_run(tmp_path / "a")
+    start = late.round_start_epoch  # the final run's first epoch
+    assert late.finished and start > 0
+    assert all(recorder.seen[e] == ("AdamW", 1e-3) for e in range(start))
+    final = [recorder.seen[e] for e in range(start, start + 5)]
+    assert final == [("SGD", 0.05 * 0.5 ** sum(e >= m for m in (1, 3))) for e in range(5)]
+    assert "configure_optimizers" not in vars(straight)  # the module's own method is back
+    # Resumed from the end of the final run's second epoch: the same LRs and the same weights.
+    ckpt = tmp_path / "a" / f"epoch={start + 1}.ckpt"
+    resumed, _, recorder2 = _fit_final_run(tmp_path / "b", ckpt=ckpt)
+    assert [recorder2.seen[e] for e in range(start + 2, start + 5)] == final[2:]
+    for (key, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{key} differs after the resume")
 
 
 # ------------------------------------------------------------------------------------ DDP
