@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_noise._validate import check_choice, check_int
+from lightning_noise._validate import check_choice, check_int, check_number
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
 from lightning_noise.dynamics.reports import (
     NEEDS_INDEX,
@@ -48,7 +48,14 @@ from lightning_noise.dynamics.reports import (
 from lightning_noise.metrics import noise_detection_scores
 from lightning_noise.types import find_callback
 
-__all__ = ["SCORES", "LabelAudit", "rank_samples", "raw_statistic", "suspicion_scores"]
+__all__ = [
+    "SCORES",
+    "LabelAudit",
+    "rank_samples",
+    "raw_statistic",
+    "suspicion_scores",
+    "threshold_flags",
+]
 
 #: The suspicion scores :class:`LabelAudit` knows.
 SCORES = ("aum", "forgetting", "loss", "first_learned")
@@ -128,6 +135,57 @@ def suspicion_scores(store: DynamicsStore, score: str, *, k: int = 3) -> Tensor:
     return value
 
 
+def threshold_flags(
+    aum: Tensor, threshold_mask: Tensor, percentile: float = 99.0
+) -> tuple[Tensor, float]:
+    """Flag the samples whose AUM is below the threshold samples' ``percentile``-th percentile.
+
+    AUM with threshold samples (Pleiss et al. 2020): ``threshold_mask`` marks the samples
+    trained on a fake class (:class:`~lightning_noise.data.ThresholdSamples`), whose AUMs show
+    how a mislabeled sample scores. A real sample is flagged when more than
+    ``(100 - percentile)``% of the threshold samples have a higher AUM: the official
+    ``generate_aum_details`` rule (``AUM_WTR``), i.e. its AUM is below their 99th percentile.
+    Threshold samples and samples never seen (NaN AUM) are not flagged.
+
+    Args:
+        aum: ``[N]`` areas under the margin, NaN where never seen.
+        threshold_mask: ``[N]`` bool, the threshold samples.
+        percentile: In ``(0, 100)``; the paper's is 99.
+
+    Returns:
+        ``([N] bool flags, the percentile of the threshold samples' AUMs)`` (the latter for
+        reports; the flags use the counting rule above).
+
+    Example:
+        >>> aum = torch.tensor([3.0, -1.0, 0.5, -2.0, -1.5, -0.5])
+        >>> mask = torch.tensor([False, False, False, True, True, True])
+        >>> flags, cut = threshold_flags(aum, mask, percentile=50.0)
+        >>> flags.tolist(), round(cut, 2)
+        ([False, True, False, False, False, False], -1.5)
+    """
+    if not 0.0 < percentile < 100.0:
+        raise ValueError(f"percentile must be in (0, 100) (the paper's is 99), got {percentile!r}")
+    aum = aum.detach().double().cpu().reshape(-1)
+    threshold_mask = threshold_mask.bool().cpu().reshape(-1)
+    if threshold_mask.shape != aum.shape:
+        raise ValueError(
+            f"threshold_mask must be [N] like aum, got {tuple(threshold_mask.shape)} "
+            f"and {tuple(aum.shape)}"
+        )
+    seen = ~torch.isnan(aum)
+    reference = torch.sort(aum[threshold_mask & seen]).values
+    if reference.numel() == 0:
+        raise ValueError(
+            "no threshold sample was seen in training, so there is no AUM threshold: the "
+            "training set must carry threshold samples (threshold_samples=1 on the DataModule)"
+        )
+    # Number of threshold samples with a strictly higher AUM than each sample.
+    higher = reference.numel() - torch.searchsorted(reference, aum.nan_to_num(), right=True)
+    flags = (higher.double() / reference.numel() > 1.0 - percentile / 100.0) & seen
+    flags &= ~threshold_mask
+    return flags, float(torch.quantile(reference, percentile / 100.0))
+
+
 def rank_samples(suspicion: Tensor, tie_break: Tensor | None = None) -> Tensor:
     """Indices of the scored samples, most suspicious first.
 
@@ -200,13 +258,25 @@ class LabelAudit(Callback):
         output_dir: Folder of the report; ``None`` is ``<trainer.log_dir>/label_audit``
             (``trainer.default_root_dir`` without a logger).
         flag_fraction: Fraction of the ranked samples flagged as mislabeled, in ``(0, 1]``;
-            ``None`` uses the realised noise fraction when the noise mask is known, else 0.1.
+            ``None`` uses the realised noise fraction when the noise mask is known (an
+            oracle: the true noise rate), else 0.1.
+        threshold: ``None`` flags the ``flag_fraction`` above. ``"auto"`` (``score="aum"``
+            only) decides without any noise rate, as Pleiss et al. 2020 do: the training set
+            carries threshold samples (``threshold_samples=1`` on the DataModule, the model
+            one output more), and a sample is flagged when its AUM is below the
+            ``threshold_percentile``-th percentile of the threshold samples' AUMs
+            (:func:`threshold_flags`). One run, one set of threshold samples: they get no
+            verdict in this run (their score is NaN and they are not ranked); a second run
+            with ``threshold_samples=2`` judges them, as the official code's second run does.
+        threshold_percentile: The percentile for ``threshold="auto"`` (paper: 99).
 
     Attributes set at the end of fit (on every rank): ``scores`` (``[N]`` suspicion, NaN if
     never seen), ``ranking`` (indices, most suspicious first), ``given_labels`` and
     ``predicted_labels`` (``[N]``, -1 where a sample was not predicted), ``flagged``
     (``[N]`` bool), ``detection`` (``{"precision", "recall", "f1", "flag_fraction"}`` floats,
-    or ``None`` without a noise mask), ``csv_path`` and ``plot_path``.
+    or ``None`` without a noise mask), ``csv_path`` and ``plot_path``; with
+    ``threshold="auto"`` also ``aum_threshold`` (the percentile of the threshold samples'
+    AUMs) and ``threshold_mask``.
 
     Example:
         >>> audit = LabelAudit(score="aum", top_k=100)
@@ -221,8 +291,25 @@ class LabelAudit(Callback):
         top_k: int | None = None,
         output_dir: str | None = None,
         flag_fraction: float | None = None,
+        threshold: str | None = None,
+        threshold_percentile: float = 99.0,
     ) -> None:
         self.score = _check_score(score)
+        self.threshold = check_choice("threshold", threshold, (None, "auto"))
+        self.threshold_percentile = check_number(
+            "threshold_percentile", threshold_percentile, low=0.0, high=100.0,
+            low_open=True, high_open=True,
+        )  # fmt: skip
+        if self.threshold == "auto" and self.score != "aum":
+            raise ValueError(
+                f"threshold='auto' uses AUM's threshold samples, so it needs score='aum' "
+                f"(got score={self.score!r})"
+            )
+        if self.threshold == "auto" and flag_fraction is not None:
+            raise ValueError(
+                "threshold='auto' decides how many samples to flag from the threshold samples; "
+                "leave flag_fraction=None (or use threshold=None to flag a fixed fraction)"
+            )
         self.top_k = check_int("top_k", top_k, minimum=1, optional=True)
         if output_dir is not None and not isinstance(output_dir, str | os.PathLike):
             raise ValueError(f"output_dir must be None or a path, got {output_dir!r}")
@@ -244,6 +331,8 @@ class LabelAudit(Callback):
         self.detection: dict[str, float] | None = None
         self.csv_path: str | None = None
         self.plot_path: str | None = None
+        self.aum_threshold: float | None = None
+        self.threshold_mask: Tensor | None = None
 
     @property
     def state_key(self) -> str:
@@ -254,6 +343,8 @@ class LabelAudit(Callback):
             top_k=self.top_k,
             output_dir=self.output_dir,
             flag_fraction=self.flag_fraction,
+            # Only when set, so that the key of an audit without it stays what it was.
+            **({"threshold": self.threshold} if self.threshold else {}),
         )
 
     # ------------------------------------------------------------------ hooks
@@ -263,6 +354,22 @@ class LabelAudit(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_indexed_training_set(trainer, "LabelAudit")
+        if self.threshold == "auto" and self._threshold_mask(trainer) is None:
+            raise ValueError(
+                "LabelAudit(threshold='auto') needs AUM's threshold samples in the training "
+                "set: pass threshold_samples=1 to the DataModule (the lightning-noise command "
+                "then gives the model one more output), or wrap your indexed training set in "
+                "lightning_noise.data.ThresholdSamples(dataset, num_classes) and build the "
+                "model with num_classes + 1 outputs"
+            )
+
+    @staticmethod
+    def _threshold_mask(trainer: pl.Trainer) -> Tensor | None:
+        dataset = full_training_set(trainer)
+        mask = getattr(dataset, "threshold_mask", None)
+        if mask is None:
+            mask = getattr(getattr(trainer, "datamodule", None), "threshold_mask", None)
+        return None if mask is None else torch.as_tensor(mask).bool().cpu()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_results()
@@ -279,6 +386,21 @@ class LabelAudit(Callback):
         n = store.num_samples
         self.scores = suspicion_scores(store, self.score, k=dynamics.k)
         statistic = raw_statistic(store, self.score, k=dynamics.k)
+        auto_flags = None
+        if self.threshold == "auto":
+            mask = self._threshold_mask(trainer)
+            if mask is None or mask.numel() != n:
+                raise ValueError(
+                    f"LabelAudit(threshold='auto'): the training set's threshold_mask must be "
+                    f"[{n}] like the TrainingDynamics store, got "
+                    f"{None if mask is None else tuple(mask.shape)}"
+                )
+            auto_flags, self.aum_threshold = threshold_flags(
+                statistic, mask, self.threshold_percentile
+            )
+            self.threshold_mask = mask
+            # Threshold samples carry a fake label: they get no score and no rank.
+            self.scores = self.scores.masked_fill(mask, math.nan)
         self.ranking = rank_samples(self.scores, tie_break=store.last_loss)
         dataset = full_training_set(trainer)
         self.given_labels, self.predicted_labels = self._predict(trainer, pl_module, dataset, n)
@@ -290,9 +412,13 @@ class LabelAudit(Callback):
             fraction = (
                 float(noise_mask[self.ranking].float().mean()) if known else _DEFAULT_FLAG_FRACTION
             )
-        num_flagged = min(self.ranking.numel(), max(1, round(fraction * self.ranking.numel())))
-        self.flagged = torch.zeros(n, dtype=torch.bool)
-        self.flagged[self.ranking[:num_flagged]] = True
+        if auto_flags is not None:
+            self.flagged = auto_flags
+            num_flagged = int(auto_flags.sum())
+        else:
+            num_flagged = min(self.ranking.numel(), max(1, round(fraction * self.ranking.numel())))
+            self.flagged = torch.zeros(n, dtype=torch.bool)
+            self.flagged[self.ranking[:num_flagged]] = True
         if noise_mask is not None and self.ranking.numel() > 0:
             # Over the ranked (seen) samples only: the local functional form, because every
             # rank already holds all samples (a synced Metric would all-reduce for nothing).
@@ -311,11 +437,17 @@ class LabelAudit(Callback):
             root = os.path.join(trainer.log_dir or trainer.default_root_dir, "label_audit")
         self.csv_path = os.path.join(root, f"label_audit_{self.score}.csv")
         self.plot_path = os.path.join(root, f"label_audit_{self.score}.png")
-        if self.detection is not None:
+        if self.detection is not None or self.aum_threshold is not None:
             metrics = {
                 f"label_audit/{self.score}/{key}": self.detection[key]
                 for key in ("precision", "recall", "f1")
+                if self.detection is not None
             }
+            if self.aum_threshold is not None:
+                metrics[f"label_audit/{self.score}/threshold"] = self.aum_threshold
+                metrics[f"label_audit/{self.score}/flag_fraction"] = num_flagged / max(
+                    1, self.ranking.numel()
+                )
             for logger in trainer.loggers:  # loggers log on rank zero only
                 logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.is_global_zero:
@@ -472,7 +604,10 @@ class LabelAudit(Callback):
             for name, group, color in groups:
                 if group.numel():
                     ax.hist(group.numpy(), bins=bins, alpha=0.55, color=color, label=name)
-            cut = float(values[self.ranking[int(self.flagged.sum()) - 1]])
+            if self.aum_threshold is not None:
+                cut = self.aum_threshold
+            else:
+                cut = float(values[self.ranking[max(int(self.flagged.sum()), 1) - 1]])
             ax.axvline(cut, color="black", linestyle="--", linewidth=1, label="flag threshold")
             ax.legend()
         ax.set_xlabel(label)
@@ -493,6 +628,8 @@ class LabelAudit(Callback):
             "top_k": self.top_k,
             "output_dir": self.output_dir,
             "flag_fraction": self.flag_fraction,
+            "threshold": self.threshold,
+            "threshold_percentile": self.threshold_percentile,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

@@ -28,6 +28,7 @@ from lightning_noise.data.noise import (
 )
 from lightning_noise.data.prompt_response import PromptResponseDataModule
 from lightning_noise.data.text import AdditionDataModule
+from lightning_noise.data.threshold import ThresholdSamples, threshold_sample_mask
 
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
@@ -45,6 +46,7 @@ __all__ = [
     "NoisyLabelDataModule",
     "NoisyLabels",
     "PromptResponseDataModule",
+    "ThresholdSamples",
     "asymmetric_noise",
     "instance_dependent_noise",
     "load_cifar_n_labels",
@@ -54,5 +56,6 @@ __all__ = [
     "realised_noise_rate",
     "stratified_split",
     "symmetric_noise",
+    "threshold_sample_mask",
     "transition_matrix_noise",
 ]

@@ -26,6 +26,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from lightning_noise._validate import check_int, check_number
 from lightning_noise.data.noise import NOISE_TYPES, LabelNoise, NoisyLabels, _as_label_noise
+from lightning_noise.data.threshold import ThresholdSamples
 
 __all__ = ["NoisyLabelDataModule", "stratified_split"]
 
@@ -296,6 +297,13 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         augment: train-time augmentation (subclass-specific).
         drop_last: drop the last incomplete training batch.
         pin_memory: DataLoader ``pin_memory``.
+        threshold_samples: AUM's threshold samples (Pleiss et al. 2020) for
+            ``LabelAudit(score="aum", threshold="auto")``: 0 (default) for none; ``k >= 1``
+            relabels the ``k``-th disjoint set of ``N // (C + 1)`` training samples to the
+            fake class ``C`` (:class:`~lightning_noise.data.threshold.ThresholdSamples`). The
+            model then needs ``C + 1`` outputs: :attr:`model_num_classes`, which the
+            ``lightning-noise`` command links to the model. Run ``k = 1`` and ``k = 2`` to
+            give every sample a verdict.
     """
 
     #: Whether this DataModule can supply human noisy labels for ``kind="given"``.
@@ -316,6 +324,7 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         augment: bool = False,
         drop_last: bool = False,
         pin_memory: bool = False,
+        threshold_samples: int = 0,
     ) -> None:
         super().__init__()
         noise = _as_label_noise(noise)
@@ -350,6 +359,7 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         self.augment = bool(augment)
         self.drop_last = bool(drop_last)
         self.pin_memory = bool(pin_memory)
+        self.threshold_samples = check_int("threshold_samples", threshold_samples, minimum=0)
         self._train: NoisyLabels | None = None
         self._val: Dataset | None = None
         self._test: Dataset | None = None
@@ -396,6 +406,11 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         splits = self._build_splits()
         self._check_not_empty(splits)
         self._train = self._with_noise(splits.train, splits.train_targets, "train")
+        if self.threshold_samples:
+            # The fake class wraps the noisy labels; noise_mask & co. still describe the real ones.
+            self._train = ThresholdSamples(  # type: ignore[assignment]
+                self._train, self.num_classes, set_index=self.threshold_samples, seed=self.seed
+            )
         if splits.val is not None:
             if self.noisy_validation:
                 self._val = _WithoutIndex(self._with_noise(splits.val, splits.val_targets, "val"))
@@ -467,6 +482,16 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         """Test split, ``(input, target)`` with clean targets (``None`` if there is none)."""
         self._ensure_setup()
         return self._test
+
+    @property
+    def model_num_classes(self) -> int:
+        """Outputs the model needs: ``num_classes``, plus one with ``threshold_samples``."""
+        return self.num_classes + (1 if self.threshold_samples else 0)
+
+    @property
+    def threshold_mask(self) -> Tensor | None:
+        """Boolean ``[N_train]``: AUM's threshold samples (``None`` without them)."""
+        return getattr(self.train_dataset, "threshold_mask", None)
 
     @property
     def noise_mask(self) -> Tensor:

@@ -27,8 +27,14 @@ from lightning_noise.callbacks.label_audit import (
     LabelAudit,
     rank_samples,
     suspicion_scores,
+    threshold_flags,
 )
-from lightning_noise.data import DigitsDataModule, LabelNoise
+from lightning_noise.data import (
+    DigitsDataModule,
+    LabelNoise,
+    ThresholdSamples,
+    threshold_sample_mask,
+)
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
 from lightning_noise.models import ImageClassifier
 
@@ -272,6 +278,10 @@ def test_missing_training_dynamics_fails_before_training(tmp_path) -> None:
         ({"flag_fraction": 1.5}, "1.5"),
         ({"flag_fraction": "0.1"}, "flag_fraction"),
         ({"output_dir": 3}, "output_dir must be None or a path, got 3"),
+        ({"threshold": "99"}, "threshold must be one of"),
+        ({"score": "loss", "threshold": "auto"}, "needs score='aum'"),
+        ({"threshold": "auto", "flag_fraction": 0.3}, "leave flag_fraction=None"),
+        ({"threshold": "auto", "threshold_percentile": 100}, "threshold_percentile"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match) -> None:
@@ -289,6 +299,8 @@ def test_state_dict_holds_the_hyperparameters(tmp_path) -> None:
         "top_k": 5,
         "output_dir": str(tmp_path),
         "flag_fraction": 0.2,
+        "threshold": None,
+        "threshold_percentile": 99.0,
     }
     audit.load_state_dict(state)  # nothing to restore
     keys = {
@@ -296,8 +308,9 @@ def test_state_dict_holds_the_hyperparameters(tmp_path) -> None:
         LabelAudit("loss").state_key,
         LabelAudit("aum", top_k=5).state_key,
         LabelAudit("aum", output_dir=str(tmp_path)).state_key,
+        LabelAudit("aum", threshold="auto").state_key,
     }
-    assert len(keys) == 4  # two audits of one score can share a Trainer
+    assert len(keys) == 5  # two audits of one score can share a Trainer
 
 
 # -------------------------------------------------------------------- trainer-free core
@@ -405,3 +418,82 @@ def test_ddp_ranks_agree_and_rank_zero_writes(tmp_path) -> None:
 
 if __name__ == "__main__":
     ddp_main(sys.argv[1])
+
+
+# ------------------------------------------------------------ AUM's threshold samples
+def test_threshold_flags_is_the_official_aum_wtr_rule() -> None:
+    """``generate_aum_details`` of asappresearch/aum (examples/paper_replication/runner.py):
+    AUM_WTR = mean over threshold samples of [AUM < AUM_t] > 0.01, transcribed."""
+    g = torch.Generator().manual_seed(0)
+    aum = torch.randn(3000, generator=g, dtype=torch.float64) * 2
+    aum[::7] = aum[::7].round()  # ties with threshold samples
+    is_threshold = threshold_sample_mask(3000, 10, seed=1)
+    aum[is_threshold] -= 2.0  # the fake class is hard to learn
+    aum_wtr = torch.lt(aum.view(-1, 1), aum[is_threshold].view(1, -1)).float().mean(dim=-1).gt(0.01)
+    flags, cut = threshold_flags(aum, is_threshold)
+    assert torch.equal(flags, aum_wtr & ~is_threshold)
+    assert cut == pytest.approx(float(torch.quantile(aum[is_threshold], 0.99)))
+    assert 0 < int(flags.sum()) < int((~is_threshold).sum())
+    aum[5] = math.nan  # never seen: no verdict
+    assert not threshold_flags(aum, is_threshold)[0][5]
+    with pytest.raises(ValueError, match="no threshold sample"):
+        threshold_flags(aum, torch.zeros(3000, dtype=torch.bool))
+
+
+def test_threshold_samples_relabel_a_disjoint_slice_to_the_fake_class() -> None:
+    n, c = 1000, 10
+    first, second = (
+        threshold_sample_mask(n, c, set_index=1),
+        threshold_sample_mask(n, c, set_index=2),
+    )
+    assert int(first.sum()) == int(second.sum()) == n // (c + 1)  # the paper's N / (C + 1)
+    assert not bool((first & second).any())
+    assert torch.equal(first, threshold_sample_mask(n, c, set_index=1))  # seeded
+    dm = DigitsDataModule(noise=LabelNoise(rate=0.4), image_size=8, channels=1, threshold_samples=1)
+    data = dm.train_dataset
+    assert isinstance(data, ThresholdSamples) and dm.model_num_classes == 11
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    assert torch.equal(labels == 10, dm.threshold_mask)
+    noisy = dm.noisy_targets  # the real noisy labels elsewhere; noise_mask describes them
+    assert torch.equal(labels[~dm.threshold_mask], noisy[~dm.threshold_mask])
+    assert dm.noise_mask.shape == (len(data),) and DigitsDataModule().model_num_classes == 10
+    with pytest.raises(ValueError, match="does not fit"):
+        threshold_sample_mask(10, 10)  # N // (C + 1) = 0
+
+
+def test_auto_threshold_flags_noisy_digits_without_the_noise_rate(tmp_path) -> None:
+    """Pleiss et al.'s procedure on digits, 40% symmetric noise: no noise rate is given."""
+    pl.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(
+        noise=LabelNoise(rate=NOISE_RATE, seed=0), image_size=8, channels=1, batch_size=64,
+        seed=0, threshold_samples=1,
+    )  # fmt: skip
+    model = ImageClassifier("test_resnet", num_classes=dm.model_num_classes, in_chans=1)
+    audit = LabelAudit("aum", threshold="auto", output_dir=str(tmp_path / "out"))
+    trainer = make_trainer(
+        tmp_path, [TrainingDynamics(), audit], max_epochs=10, limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    mask = dm.threshold_mask
+    # Threshold samples get no verdict; every other sample is ranked.
+    assert torch.isnan(audit.scores[mask]).all() and not audit.flagged[mask].any()
+    assert audit.ranking.numel() == int((~mask).sum())
+    d = audit.detection
+    # Random flagging expects precision = the noise rate (0.4) and recall = the flag fraction.
+    assert d["precision"] > NOISE_RATE + 0.3, d
+    assert d["recall"] > 0.6 and d["recall"] > d["flag_fraction"] + 0.2, d
+    assert audit.aum_threshold is not None
+    aum = trainer.callbacks[0].store.aum()
+    assert torch.equal(audit.flagged, threshold_flags(aum, mask)[0])
+    _, rows = read_csv(audit.csv_path)
+    assert sum(int(r["flagged"]) for r in rows) == int(audit.flagged.sum())
+    assert not torch.isnan(aum[~mask]).any()
+
+
+def test_auto_threshold_without_threshold_samples_fails_before_training(tmp_path) -> None:
+    model = ImageClassifier("test_resnet", num_classes=10, in_chans=1)
+    trainer = make_trainer(tmp_path, [TrainingDynamics(), LabelAudit(threshold="auto")])
+    with pytest.raises(ValueError, match=r"threshold_samples=1 to the DataModule"):
+        trainer.fit(model, datamodule=digits())
+    assert trainer.global_step == 0

@@ -136,7 +136,7 @@ def test_recipe_runs_from_the_cli(tmp_path, extra) -> None:
     assert isinstance(cli.model, CoTeachingClassifier)
     assert "coteaching/forget_rate" in cli.trainer.callback_metrics
     if extra:  # epoch 0 counts as the official loop's epoch 1: Co-teaching+ and tau / 9
-        assert cli.model.plus_variant == "official_code" and cli.model.schedule_epoch() == 1
+        assert cli.model.plus_variant == "official_code" and cli.model.schedule_offset == 1
         rate = float(cli.trainer.callback_metrics["coteaching/forget_rate"])
         assert rate == pytest.approx(cli.model.forget_rate / 9)
 
