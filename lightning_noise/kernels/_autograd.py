@@ -62,20 +62,22 @@ def differentiable_once(name: str, alternative: str) -> Callable:
 
         @functools.wraps(backward)
         def wrapper(ctx: Any, *grad_outputs: Any) -> Any:
-            with torch.no_grad():
-                grads = backward(ctx, *grad_outputs)
             if not torch.is_grad_enabled():  # create_graph=False: the usual backward
-                return grads
-            single = not isinstance(grads, tuple)
-            grads = (grads,) if single else grads
-            where = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+                with torch.no_grad():
+                    return backward(ctx, *grad_outputs)
             # The saved inputs/outputs and incoming gradients that carry a graph: the refusing
             # node hangs on them, so a second grad towards the inputs must pass through it.
+            # Read before ``backward``, which may scale saved tensors in place.
             anchors = [
                 t
                 for t in (*ctx.saved_tensors, *grad_outputs)
                 if isinstance(t, Tensor) and t.requires_grad
             ]
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            single = not isinstance(grads, tuple)
+            grads = (grads,) if single else grads
+            where = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
             if not where or not anchors:
                 return grads[0] if single else grads
             refused = _Refuse.apply(message, len(where), *(grads[i] for i in where), *anchors)

@@ -50,6 +50,7 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
     "linear_cross_entropy_forward",
+    "linear_cross_entropy_fused",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,6 +78,44 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if bias is None:
         return hidden @ weight.t()
     return torch.addmm(bias, hidden, weight.t())
+
+
+def _gradient_buffers(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: list[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``grad_hidden`` (hidden's dtype, each chunk's rows written once) and the float32 sums
+    over chunks ``grad_weight`` and ``grad_bias`` (see the module docstring); ``None`` for a
+    gradient that ``needs`` does not ask for, or for an absent bias."""
+    need_h, need_w, need_b = needs
+    acc = torch.float32
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    need_b = need_b and bias is not None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+    return grad_h, grad_w, grad_b
+
+
+def _add_chunk_gradients(
+    g: Tensor,
+    h: Tensor,
+    w: Tensor,
+    lo: int,
+    hi: int,
+    grad_h: Tensor | None,
+    grad_w: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """Add the chunk ``[lo, hi)``'s share, given its logits' gradient ``g``: ``grad_h[lo:hi] =
+    g @ w`` and ``grad_w += g.T @ h[lo:hi]`` (two matrix products), ``grad_b += g.sum(0)``."""
+    if grad_h is not None:
+        grad_h[lo:hi] = g @ w  # cast to hidden's dtype on assignment
+    if grad_w is not None:
+        if g.dtype == grad_w.dtype:
+            grad_w.addmm_(g.t(), h[lo:hi])
+        else:  # the chunk's product rounded once, then summed in float32
+            grad_w += g.t() @ h[lo:hi]
+    if grad_b is not None:
+        grad_b += g.sum(dim=0, dtype=grad_b.dtype)
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -198,13 +237,8 @@ def linear_cross_entropy_backward(
     gradient that ``needs`` (three flags) does not ask for, or the gradient of an absent bias,
     is an empty ``[0]`` tensor (an operator returns tensors, not ``None``)."""
     options = (ignore_index, eps, alpha, zl, impl)
-    need_h, need_w, need_b = needs
-    need_b = need_b and bias is not None
     grad_loss = grad_loss.contiguous()
-    acc = torch.float32  # the sums over chunks: see the module docstring
-    grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+    grad_h, grad_w, grad_b = _gradient_buffers(hidden, weight, bias, needs)
     # The same casts as forward, autocast off as there: the same logits, so that the lse
     # stored forward normalises them exactly.
     with _without_autocast(hidden.device):
@@ -220,15 +254,7 @@ def linear_cross_entropy_backward(
                 *options,
                 out=logits,  # the chunk's gradient replaces its logits: no second buffer
             )
-            if grad_h is not None:
-                grad_h[lo:hi] = g @ w  # cast to hidden's dtype on assignment
-            if grad_w is not None:
-                if g.dtype == acc:
-                    grad_w.addmm_(g.t(), h[lo:hi])
-                else:  # the chunk's product rounded once, then summed in float32
-                    grad_w += g.t() @ h[lo:hi]
-            if grad_b is not None:
-                grad_b += g.sum(dim=0, dtype=acc)
+            _add_chunk_gradients(g, h, w, lo, hi, grad_h, grad_w, grad_b)
             del logits, g
     none = hidden.new_empty(0)
     return (
@@ -295,6 +321,143 @@ def _backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, .
 linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------ gradients computed forward (3 products)
+
+
+@torch.library.custom_op("lightning_noise::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    chunk: int,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+    dtype: torch.dtype,
+    reduction: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_hidden, grad_weight, grad_bias)``: the ``"mean"`` or ``"sum"`` loss of
+    ``hidden @ weight.T + bias`` against ``target``, and its gradients for an incoming gradient
+    of 1, from one product ``hidden @ weight.T`` per chunk (see the module docstring).
+
+    ``grad_hidden`` is in hidden's dtype; ``grad_weight`` and ``grad_bias`` are the float32
+    sums over chunks, cast only in backward. A gradient that ``needs`` does not ask for, or the
+    gradient of an absent bias, is an empty ``[0]`` tensor. Differentiable once, through the
+    loss only: its backward scales the gradients by the incoming one.
+    """
+    options = (ignore_index, eps, alpha, zl, impl)
+    n = hidden.shape[0]
+    valid = target != ignore_index
+    # Row weights of the reduction: d loss / d loss_i for the rows not ignored (the fused
+    # backward gives ignored rows 0). "mean" divides by their count, kept on the device.
+    if reduction == "mean":
+        count = valid.sum().clamp_min(1)
+        row_weight = (1.0 / count).to(torch.float32).expand(n).contiguous()
+    else:
+        row_weight = torch.ones(n, dtype=torch.float32, device=hidden.device)
+    loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_h, grad_w, grad_b = _gradient_buffers(hidden, weight, bias, needs)
+    with _without_autocast(hidden.device):
+        h, w, b = _cast(hidden, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        for lo, hi in _chunks(n, chunk):
+            logits = _logits(h[lo:hi], w, b)  # the chunk's only product with the weight
+            rows, lse, amax = rows_forward(logits, target[lo:hi], *options)
+            loss_rows[lo:hi] = rows
+            g = rows_backward(
+                logits, target[lo:hi], lse, amax, row_weight[lo:hi], *options, out=logits
+            )
+            _add_chunk_gradients(g, h, w, lo, hi, grad_h, grad_w, grad_b)
+            del logits, g
+    loss = reduce_rows(loss_rows, target, ignore_index, reduction, target.shape)
+    none = hidden.new_empty(0)
+    return (
+        loss,
+        none if grad_h is None else grad_h,
+        none.clone() if grad_w is None else grad_w,
+        none.clone() if grad_b is None else grad_b,
+    )
+
+
+@linear_cross_entropy_fused.register_fake
+def _linear_cross_entropy_fused_fake(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    chunk: int,
+    ignore_index: int,
+    eps: float,
+    alpha: float,
+    zl: float,
+    impl: str,
+    dtype: torch.dtype,
+    reduction: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    need_h, need_w, need_b = needs
+    acc = torch.float32
+    none = hidden.new_empty(0)
+    return (
+        hidden.new_empty((), dtype=acc),
+        torch.empty_like(hidden) if need_h else none,
+        weight.new_empty(weight.shape, dtype=acc) if need_w else none.clone(),
+        bias.new_empty(bias.shape, dtype=acc) if need_b and bias is not None else none.clone(),
+    )
+
+
+def _fused_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    hidden, weight, bias = inputs[:3]
+    _, grad_h, grad_w, grad_b = output
+    # hidden, weight and bias are not read in backward: saved (references, no copies) so that
+    # a gradient asked for with create_graph=True hangs on them and its derivative is refused.
+    ctx.save_for_backward(grad_h, grad_w, grad_b, hidden, weight, bias)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.scaled = False
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+
+
+@differentiable_once(
+    "linear_cross_entropy",
+    "torch.nn.functional.cross_entropy(hidden @ weight.T + bias, target)",
+)
+def _fused_backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    if ctx.scaled:  # eager only: a compiled backward scales out of place (functionalised)
+        raise RuntimeError(
+            "linear_cross_entropy's backward ran a second time through one forward (backward "
+            "called twice, with or without retain_graph=True): the gradients computed in "
+            "forward were scaled in place by the first backward, without a second [V, H] "
+            "buffer. Pass recompute=True to linear_cross_entropy to backpropagate through one "
+            "loss more than once"
+        )
+    stored = ctx.saved_tensors[:3]
+    ctx.scaled = True
+    # grad_loss is a 0-d float32 tensor: each product is computed in float32 and rounded
+    # once to the stored dtype (then grad_weight and grad_bias once to the parameters'), and
+    # a gradient of 1 leaves the stored values as they are.
+    grads = [
+        _scale(g, grad_loss).to(dtype) if need and dtype is not None else None
+        for g, dtype, need in zip(stored, ctx.dtypes, ctx.needs_input_grad[:3], strict=True)
+    ]
+    return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+def _scale(stored: Tensor, grad_loss: Tensor) -> Tensor:
+    """``stored * grad_loss``, in place in eager mode: no second buffer as large as
+    ``grad_weight`` ([V, H] float32). A traced backward (``torch.compile``, AOT autograd:
+    its tensors are subclasses such as functional or fake tensors) multiplies out of place,
+    since AOT's partitioner refuses a backward that mutates a tensor saved by forward."""
+    if type(stored) is Tensor:
+        return stored.mul_(grad_loss)
+    return stored * grad_loss
+
+
+linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -308,6 +471,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     impl: str = "auto",
     chunk_size: int | None = None,
+    recompute: bool | None = None,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` without storing those logits.
 
@@ -322,6 +486,13 @@ def linear_cross_entropy(
             :func:`~lightning_noise.kernels.cross_entropy`.
         chunk_size: Rows per chunk; ``None`` chooses :func:`default_chunk_rows`
             (``ceil(N * H / V)`` rounded up to a multiple of 128, at most ``N``).
+        recompute: ``True`` recomputes each chunk's logits in backward (four matrix
+            products, nothing held from forward to backward but the inputs and three numbers
+            per row); ``False`` computes the gradients in forward (three products; holds
+            ``grad_hidden`` and a float32 ``grad_weight`` until backward), which needs
+            ``reduction="mean"`` or ``"sum"``; ``None`` (default) takes the three-product
+            path when the loss is reduced and a gradient of ``hidden``, ``weight`` or
+            ``bias`` will be needed. See the module docstring for the memory trade-off.
 
     Returns:
         The loss in float32.
@@ -360,7 +531,22 @@ def linear_cross_entropy(
         chunk_size = default_chunk_rows(n, rows.shape[1], vocab)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise ValueError(f"recompute must be True, False or None, got {recompute!r}")
+    if recompute is False and reduction == "none":
+        raise ValueError(
+            "recompute=False computes the gradient of a reduced loss in forward, but "
+            "reduction='none' was given: pass reduction='mean' or 'sum', or recompute=None "
+            "(which recomputes the logits for reduction='none')"
+        )
     chosen = resolve_impl(impl, hidden)
+    needs = [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    if not recompute and reduction != "none" and torch.is_grad_enabled() and any(needs):
+        loss, *_ = linear_cross_entropy_fused(
+            rows, weight, bias, flat_target, max(1, chunk_size), int(ignore_index), eps, alpha,
+            zl, chosen, dtype, reduction, needs,
+        )  # fmt: skip
+        return loss
     loss, _, _ = linear_cross_entropy_forward(
         rows, weight, bias, flat_target, max(1, chunk_size), int(ignore_index), eps, alpha, zl,
         chosen, dtype,

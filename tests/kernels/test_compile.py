@@ -52,8 +52,9 @@ def _all_kernels(impl: str):
         a = cross_entropy(x, y, label_smoothing=0.1, maxsup_alpha=0.2, z_loss=1e-3, impl=impl)
         s = (softmax(x, dim=-1, impl=impl) * torch.arange(13.0)).sum()
         c = linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.05, chunk_size=4, impl=impl)
+        r = linear_cross_entropy(h, w, y, bias=b, chunk_size=4, recompute=True, impl=impl)
         n = cross_entropy(x, y, reduction="none", impl=impl).square().sum()
-        return a + s + c + n
+        return a + s + c + r + n
 
     return f
 
@@ -67,8 +68,9 @@ def _reference(x, y, h, w, b):
     a = (a + 0.2 * (xv.max(-1).values - xv.mean(-1)) + 1e-3 * lse**2).mean()
     s = (x.softmax(-1) * torch.arange(13.0)).sum()
     c = F.cross_entropy(h @ w.T + b, y, label_smoothing=0.05)
+    r = F.cross_entropy(h @ w.T + b, y)
     n = F.cross_entropy(x, y, reduction="none").square().sum()
-    return a + s + c + n
+    return a + s + c + r + n
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -80,7 +82,12 @@ def test_compiled_kernels_are_one_graph_and_equal_eager(interpret, impl) -> None
     assert explained.graph_count == 1
     # the custom operators are nodes of the graph (not decomposed or traced through)
     targets = {str(node.target) for gm in explained.graphs for node in gm.graph.nodes}
-    for op in ("cross_entropy_forward", "linear_cross_entropy_forward"):
+    # linear cross-entropy both ways: gradients computed forward (fused), logits recomputed
+    for op in (
+        "cross_entropy_forward",
+        "linear_cross_entropy_fused",
+        "linear_cross_entropy_forward",
+    ):
         assert f"lightning_noise.{op}.default" in targets, targets
     if impl == "triton":
         assert "lightning_noise.softmax_forward.default" in targets
@@ -125,6 +132,19 @@ def _op_cases(impl: str):
         (
             OPS.linear_cross_entropy_backward,
             (hd, wd, None, y, lse_l, amax_l, grad_rows, 4, *opts, torch.float32, no_h),
+        ),
+        # the three-product path: gradients computed in forward, scaled in backward
+        (
+            OPS.linear_cross_entropy_fused,
+            (h, w, b, y, 4, *opts, torch.float32, "mean", [True] * 3),
+        ),
+        (
+            OPS.linear_cross_entropy_fused,
+            (h, w, None, y, 20, *opts, torch.float32, "sum", [True, True, False]),
+        ),
+        (
+            OPS.linear_cross_entropy_fused,
+            (hd, w, b, y, 4, *opts, torch.float32, "mean", no_h),
         ),
     ]
     if impl == "triton":
