@@ -2,13 +2,39 @@
 
 The idea of Cut Cross-Entropy (Wijmans et al., ICLR 2025, "Cut Your Losses in Large-
 Vocabulary Language Models"): the loss needs only ``lse`` and a few numbers per row, so the
-logits can be produced a chunk of rows at a time and dropped. Forward: for each chunk of rows,
-``logits = hidden @ weight.T + bias`` (a ``[rows, V]`` buffer), then the fused cross-entropy's
-per-row forward; only ``lse``, the arg-max and the loss are kept. Backward: for each chunk,
-the logits are recomputed, their gradient is written over them in place, and
-``grad_hidden[chunk] = g @ weight``, ``grad_weight += g.T @ hidden[chunk]``,
-``grad_bias += g.sum(0)``. The peak extra memory is one chunk of logits; the cost is one
-more ``hidden @ weight.T`` than the naive head.
+logits can be produced a chunk of rows at a time and dropped. Two paths, chosen by the
+``recompute`` argument of :func:`linear_cross_entropy`:
+
+* **Gradients in forward, three matrix products per chunk** (the default when the loss is
+  reduced, ``"mean"`` or ``"sum"``, and a gradient of ``hidden``, ``weight`` or ``bias`` will
+  be needed; the way of Liger Kernel's fused linear cross-entropy). For each chunk of rows the
+  forward computes ``logits = hidden @ weight.T + bias`` (1), the fused cross-entropy's
+  per-row loss and, at once, the logits' gradient ``g`` written over the logits in place
+  (each row weighted by the reduction's ``d loss / d loss_i``: 1 for ``"sum"``, one over the
+  count of rows not ignored for ``"mean"``, that count a device tensor, never read on the
+  host; ignored rows get 0), then ``grad_hidden[chunk] = g @ weight`` (2),
+  ``grad_weight += g.T @ hidden[chunk]`` (3) and ``grad_bias += g.sum(0)``. The backward only
+  multiplies the stored gradients by the incoming scalar gradient.
+* **Recompute, four products per chunk** (``recompute=True``; always for
+  ``reduction="none"``, whose per-row incoming gradient is not known in forward, and for calls
+  with no gradient to come). The forward keeps only ``lse``, the arg-max and the loss per row;
+  the backward recomputes each chunk's logits and then proceeds as above. One more
+  ``hidden @ weight.T`` than the naive head.
+
+Memory, the trade-off between the two. Both have one chunk of logits as their peak extra
+memory while they run. From forward to backward the recompute path holds the inputs (saved
+as references, not copies) and three numbers per row. The three-product path holds the
+gradients from forward to backward instead: ``grad_hidden`` ``[N, H]`` in hidden's dtype,
+``grad_weight`` ``[V, H]`` and ``grad_bias`` ``[V]`` in float32 (and references to the
+inputs, so that a second derivative is refused clearly). The recompute path allocates the
+same buffers in its backward anyway, so the three-product path's peak is no higher when the
+loss is the last thing computed before backward, as it is in a training step; what grows is
+the time they are held: between the loss and its backward, say a second loss's forward, they
+add ``N * H`` elements of hidden's dtype and ``V * H + V`` float32 (for V = 128256 and
+H = 4096, about 2 GiB). The backward scales them in place (a compiled backward, out of place), so
+it adds no second ``[V, H]`` buffer; in return it can run only once per forward: a second
+backward through the same loss (``retain_graph=True``) raises an error naming
+``recompute=True``, which allows it.
 
 By default a chunk holds ``ceil(N * H / V)`` rows (the chunking rule of Liger Kernel's fused
 linear cross-entropy: a chunk of logits no larger than ``hidden``) rounded up to a multiple of
