@@ -115,15 +115,22 @@ def check_checkpoint_file(ckpt_path: str | Path) -> None:
         )
 
 
+def _model_num_classes(data: Any) -> int:
+    """The model's outputs for this DataModule: ``model_num_classes`` where it has one."""
+    return int(getattr(data, "model_num_classes", data.num_classes))
+
+
 class LightningNoiseCLI(LightningCLI):
     """LightningCLI with the DataModule's ``num_classes``/``in_chans`` linked to the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The DataModule knows its classes and channels once built; the model must not be
         # configured twice (and wrongly) by hand.
+        # ``model_num_classes``: one output more with AUM's threshold samples (their fake class).
         parser.link_arguments(
-            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
-        )
+            "data", "model.init_args.num_classes", compute_fn=_model_num_classes,
+            apply_on="instantiate",
+        )  # fmt: skip
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:

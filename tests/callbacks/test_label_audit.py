@@ -497,3 +497,34 @@ def test_auto_threshold_without_threshold_samples_fails_before_training(tmp_path
     with pytest.raises(ValueError, match=r"threshold_samples=1 to the DataModule"):
         trainer.fit(model, datamodule=digits())
     assert trainer.global_step == 0
+
+
+def test_auto_threshold_from_the_cli(tmp_path) -> None:
+    """The digits label-audit recipe with threshold samples: the command gives the model the
+    fake class's output (DataModule.model_num_classes) and the audit flags without a rate."""
+    import yaml
+
+    from lightning_noise.cli import build_cli
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "recipes" / "digits_label_audit.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("LabelAudit"):
+            callback["init_args"].update(flag_fraction=None, threshold="auto")
+    config["data"]["init_args"]["threshold_samples"] = 1
+    path = tmp_path / "audit_auto.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(
+        [
+            "fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--model.init_args.backbone=test_resnet", "--data.init_args.image_size=8",
+        ]
+    )  # fmt: skip
+    audit = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LabelAudit))
+    assert cli.model.hparams.num_classes == 11 and audit.threshold == "auto"
+    assert audit.aum_threshold is not None and audit.detection is not None
+    assert torch.equal(audit.threshold_mask, cli.datamodule.threshold_mask)
+    assert Path(audit.csv_path).exists()
