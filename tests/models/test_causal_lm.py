@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
-pytest.importorskip("peft")
 
 import _hf
 
@@ -107,6 +106,7 @@ def test_fused_head_refuses_noisefit_and_an_unknown_criterion(files, tmp_path) -
 
 
 def test_lora_trains_only_the_adapters_and_noisefit_finds_the_blocks(files, tmp_path) -> None:
+    pytest.importorskip("peft")  # here only: importing peft takes seconds
     pl.seed_everything(0, verbose=False)
     lm = CausalLMModule(str(files / "model"), lora_r=4, lora_alpha=8)
     trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
