@@ -12,7 +12,9 @@ from lightning_noise.cli import find_recipe, list_recipes, main, recipe_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Recipes that need files a test writes first (below, and tests/test_cli.py).
-NEED_FILES = {"imagefolder_baseline"} | {p.stem for p in (ROOT / "recipes").glob("cifar*.yaml")}
+NEED_FILES = {p.stem for p in (ROOT / "recipes").glob("imagefolder*.yaml")} | {
+    p.stem for p in (ROOT / "recipes").glob("cifar*.yaml")
+}
 #: Hugging Face recipes fine-tune a local model folder the user names (tested below).
 NEED_FILES |= {p.stem for p in (ROOT / "recipes").glob("hf_*.yaml")}
 NEED_FILES |= {"digits_pretrained"}  # a weights file: tests/models/test_pretrained.py
@@ -104,10 +106,30 @@ def cifar_files(tmp_path_factory) -> Path:
     clean = train_labels_10()
     worse = np.where(np.arange(N_TRAIN_10) % 4 == 0, (clean + 1) % 10, clean)
     torch.save({"clean_label": clean, "worse_label": worse}, root / "CIFAR-10_human.pt")
+    clean100 = np.arange(200) % 100  # write_cifar100's training labels
+    noisy100 = np.where(np.arange(200) % 3 == 0, (clean100 + 1) % 100, clean100)
+    torch.save({"clean_label": clean100, "noisy_label": noisy100}, root / "CIFAR-100_human.pt")
     return root
 
 
-@pytest.mark.parametrize("name", sorted(n for n in NEED_FILES if n.startswith("cifar")))
+#: Recipes whose one-step run adds little to a sibling's (same data and model, another loss,
+#: or the same recipe on a bigger model): their runs are slow tests; the default suite builds
+#: them from the CLI without training (test_slow_recipes_build_from_the_cli).
+SLOW_RECIPES = {
+    "cifar100_elr",
+    "cifar100_label_smoothing",
+    "cifar100_maxsup",
+    "imagefolder_label_smoothing",
+}
+
+
+def _maybe_slow(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_RECIPES else n for n in names]
+
+
+@pytest.mark.parametrize(
+    "name", _maybe_slow(sorted(n for n in NEED_FILES if n.startswith("cifar")))
+)
 def test_cifar_recipes_run_on_generated_cifar_files(tmp_path, cifar_files, name) -> None:
     args = [
         "run",
@@ -122,7 +144,33 @@ def test_cifar_recipes_run_on_generated_cifar_files(tmp_path, cifar_files, name)
     ]
     if name == "cifar10n_baseline":
         args.append(f"--data.init_args.noisy_labels_file={cifar_files / 'CIFAR-10_human.pt'}")
+    if name == "cifar100n_baseline":
+        args.append(f"--data.init_args.noisy_labels_file={cifar_files / 'CIFAR-100_human.pt'}")
     main(args)
+
+
+@pytest.mark.parametrize("name", _maybe_slow(["imagefolder_label_smoothing", "imagefolder_maxsup"]))
+def test_imagenet_recipes_run_on_a_small_image_folder(tmp_path, name) -> None:
+    """MaxSup vs label smoothing on ImageNet: the recipes' ResNet-50 and losses, one step on
+    a generated folder (imagefolder_baseline is run in tests/test_cli.py)."""
+    from _formats import write_images
+
+    write_images(tmp_path / "imgs" / "train", 4)
+    write_images(tmp_path / "imgs" / "val", 2)
+    main(
+        [
+            "run",
+            name,
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--data.init_args.data_dir={tmp_path / 'imgs'}",
+            "--data.init_args.image_size=32",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=4",
+        ]
+    )
 
 
 #: The papers' 32x32 networks (lightning_noise/models/backbones.py): no stem to adapt.
@@ -213,3 +261,27 @@ def test_hf_recipes_fine_tune_a_saved_tiny_llama_from_the_cli(tmp_path, name) ->
     else:
         key = "model.model.layers.0.mlp.down_proj.weight"
         assert not torch.equal(state[key], saved["model.layers.0.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("name", sorted(SLOW_RECIPES))
+def test_slow_recipes_build_from_the_cli(tmp_path, name) -> None:
+    """The recipes whose runs are slow tests still parse and build (model, data, callbacks)."""
+    from _formats import write_images
+
+    from lightning_noise.cli import build_cli
+
+    data_dir = tmp_path
+    if name.startswith("imagefolder"):  # the DataModule reads its class folders when built
+        data_dir = tmp_path / "imgs"
+        write_images(data_dir / "train", 1)
+    cli = build_cli(
+        [
+            "--config",
+            str(find_recipe(name)),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--data.init_args.data_dir={data_dir}",
+        ],
+        run=False,
+    )
+    assert cli.model.criterion is not None and cli.trainer.max_epochs > 0
