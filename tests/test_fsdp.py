@@ -403,6 +403,22 @@ def test_fsdp2_resume_mid_epoch_is_exact_and_asam_equals_ddp(tmp_path) -> None:
     _assert_state_close(r["fsdp_asam"], r["ddp_asam"], rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------------- one process
+def test_fisher_mask_keeps_exactly_k_and_breaks_ties_in_flat_order() -> None:
+    """The tie rule the sharded top-k reproduces: all above the threshold, then the first ties
+    parameter by parameter (what the two-process test compares against)."""
+    a = torch.tensor([[0.1, 3.0], [-2.0, 0.1]])
+    b = torch.tensor([2.0, 0.1, -0.1, 5.0])
+    # g^2: a = [.01, 9, 4, .01], b = [4, .01, .01, 25]; 8 entries, keep 5 -> 9, 4, 4, 25 and
+    # the first of the four tied 0.01s, a[0, 0].
+    mask_a, mask_b = fisher_mask([a, b], 5 / 8)
+    assert mask_a.tolist() == [[True, True], [True, False]]
+    assert mask_b.tolist() == [True, False, False, True]
+    mask_a, mask_b = fisher_mask([a, b], 7 / 8)  # three ties: a's two, then b's first
+    assert mask_a.tolist() == [[True, True], [True, True]]
+    assert mask_b.tolist() == [True, True, False, True]
+
+
 # ------------------------------------------------------------------- refusals (one process)
 def _fake_trainer(strategy) -> SimpleNamespace:
     return SimpleNamespace(

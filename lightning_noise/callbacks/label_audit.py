@@ -232,9 +232,10 @@ class LabelAudit(Callback):
     training set behind ``trainer.train_dataloader`` (a ``Subset`` is unwrapped) with a plain
     ``DataLoader`` (no shuffle, the training loader's batch size, workers and collate
     function). Each batch's ``(input, target, index)`` gives the sample's index and its given
-    label, so the report never depends on the order of the dataset. Under DDP rank zero's
-    model predicts (other ranks' BatchNorm buffers may differ after the last step) and
-    broadcasts the labels, so every rank ends with the same attributes. The pass sees the
+    label, so the report never depends on the order of the dataset. Under DDP and FSDP2 every
+    rank runs the pass (a sharded forward needs all of them) and rank zero's labels are
+    broadcast (other ranks' BatchNorm buffers may differ after the last step), so every rank
+    ends with the same attributes. The pass sees the
     training set's own transform: with random augmentation the prediction is that of one
     augmented view. The module's ``forward`` must return logits; override
     :meth:`predict_logits` otherwise. It costs one forward-only pass over the training set.
@@ -484,7 +485,9 @@ class LabelAudit(Callback):
         if len(dataset) and not is_indexed_sample(dataset[0]):
             raise ValueError(NEEDS_INDEX.format(who="LabelAudit"))
         rows = None
-        if trainer.is_global_zero:
+        # Under FSDP2 a forward is collective (it all-gathers the shards), so with several
+        # ranks every rank runs the pass; rank zero's rows are the ones kept.
+        if trainer.is_global_zero or trainer.world_size > 1:
             rows = self._predict_rows(trainer, pl_module, dataset)
         if trainer.world_size > 1:
             # Rank zero's model predicts for everyone: under DDP the BatchNorm buffers of the
