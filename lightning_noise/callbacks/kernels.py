@@ -50,6 +50,7 @@ from lightning_noise.functional.lm_head import (
 )
 from lightning_noise.kernels.modules import FusedCrossEntropyLoss, FusedSoftmax
 from lightning_noise.losses import LabelSmoothingCrossEntropy, MaxSupLoss
+from lightning_noise.types import LossTransform, find_callbacks
 
 __all__ = ["KernelSwap"]
 
@@ -65,7 +66,8 @@ class KernelSwap(pl.Callback):
         impl: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
         fused_head: Also fuse a causal LM's output embedding and loss (see the module
             docstring); a model that has none is reported in :attr:`skipped`, and
-            ``fused_head=True`` that fuses nothing raises at setup.
+            ``fused_head=True`` that fuses nothing raises at setup, as does a fused head
+            with NoiseFiT (whose hybrid loss needs the logits).
 
     After setup, :attr:`replaced` maps each module name to what replaced it, :attr:`skipped`
     each module left alone to the reason, and :attr:`backend` says what runs the kernels.
@@ -199,6 +201,13 @@ class KernelSwap(pl.Callback):
                 "as loss_function with an nn.Linear output embedding, or one with "
                 f"enable_fused_head); skipped: {self.skipped or 'nothing'}. Use "
                 "fused_head=False"
+            )
+        if self.fused and find_callbacks(trainer, LossTransform):
+            raise ValueError(
+                "NoiseFiT needs the model's logits, which the fused head + loss never makes "
+                "(KernelSwap(fused_head=True) fused "
+                f"{sorted(k or type(pl_module).__name__ for k in self.fused)}); use "
+                "KernelSwap(fused_head=False) with NoiseFiT"
             )
         if not self.replaced:
             rank_zero_warn(
