@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -332,3 +334,18 @@ def test_errors_name_the_fix() -> None:
         linear_cross_entropy(h, w, y, reduction="none", recompute=False)
     with pytest.raises(ValueError, match="recompute must be True, False or None"):
         linear_cross_entropy(h, w, y, recompute="yes")
+
+
+def test_paths_benchmark_runs_both_paths() -> None:
+    """``benchmarks/linear_ce_paths.py`` (the RESULTS.md timing) at a toy size: both paths
+    timed in one run, a positive ratio."""
+    path = Path(__file__).parents[2] / "benchmarks" / "linear_ce_paths.py"
+    spec = importlib.util.spec_from_file_location("linear_ce_paths", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with _count_logits() as counted:
+        out = bench.main(["--rows", "64", "--hidden", "8", "--vocab", "100", "--repeats", "1"])
+    # warm-up and one repeat, one chunk each: 1 logits product (three-product path) + 2
+    assert counted.calls == 2 * (1 + 2)
+    assert out["three_s"] > 0 and out["four_s"] > 0
+    assert out["ratio"] == out["three_s"] / out["four_s"]
