@@ -37,7 +37,7 @@ import lightning_noise
 import lightning_noise.callbacks as callbacks
 from lightning_noise.data import DigitsDataModule, LabelNoise
 from lightning_noise.dynamics import TrainingDynamics
-from lightning_noise.models import ImageClassifier
+from lightning_noise.models import CoTeachingClassifier, ImageClassifier
 
 PACKAGE = str(Path(lightning_noise.__file__).resolve().parent)
 
@@ -111,6 +111,9 @@ CASES: dict[str, Callable[[], list[pl.Callback]]] = {
         callbacks.LateStopping(rate=0.05, rounds_per_k=(1,), warmup_epochs=0, final_epochs=1),
     ],
     "LabelAudit": lambda: [TrainingDynamics(), callbacks.LabelAudit(score="aum")],
+    # The model, not a callback: Co-teaching's two networks (plain Co-teaching; Co-teaching+
+    # counts its disagreements on the host, the size of the set it selects from).
+    "CoTeachingClassifier": lambda: [],
     "SAM+SmallLossSelection+TrainingDynamics": lambda: [
         callbacks.SAM(rho=0.05),
         callbacks.SmallLossSelection(forget_rate=0.4, num_gradual=2),
@@ -128,7 +131,9 @@ def _fit(name: str, recorder: _Recorder, tmp_path: Path, accelerator: str) -> No
     dm = DigitsDataModule(
         noise=LabelNoise(rate=0.4), image_size=8, channels=1, batch_size=64, seed=0
     )
-    if name == "NoiseFiT":
+    if name == "CoTeachingClassifier":
+        model = CoTeachingClassifier("test_resnet", num_classes=10, in_chans=1, num_gradual=1)
+    elif name == "NoiseFiT":
         model = ImageClassifier(
             "vit_tiny_patch16_224", num_classes=10, in_chans=1, backbone_kwargs=TINY_VIT
         )

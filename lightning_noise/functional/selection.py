@@ -232,12 +232,16 @@ def coteaching_selection(
             f"loss1 and loss2 must be per-sample [B] losses of one shape, got "
             f"{tuple(loss1.shape)} and {tuple(loss2.shape)}"
         )
-    candidates = torch.ones_like(loss1, dtype=torch.bool)
+    # Plain Co-teaching selects from the whole batch, whose size the host knows: no sync.
+    # Co-teaching+ selects from the disagreements, whose number it must read (one sync).
+    candidates: Tensor | None = None
+    n = loss1.shape[0]
     if disagree is not None:
         if not bool(disagree.any()):
-            return candidates, candidates.clone()
+            everyone = torch.ones_like(loss1, dtype=torch.bool)
+            return everyone, everyone.clone()
         candidates = disagree.bool()
-    n = int(candidates.sum())
+        n = int(candidates.sum())
     k = num_kept(n, forget_rate)
     if keep_all_when_none_kept and int((1.0 - forget_rate) * n) == 0:
         k = n

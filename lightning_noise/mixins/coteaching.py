@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_noise.functional.selection import (
@@ -164,14 +165,21 @@ class CoTeachingMixin:
                     epoch, step, OFFICIAL_PLUS_AGREEMENT_STEPS
                 )
             self._last_selection = (keep1, keep2, gate)
-        loss = loss1[keep1].mean() + loss2[keep2].mean()
+        # Means over the kept samples without boolean indexing (a host sync per step); as
+        # ``loss[keep].mean()``, NaN if none is kept.
+        loss = _kept_mean(loss1, keep1) + _kept_mean(loss2, keep2)
         if gate is not None:
             loss = loss * gate
         stats = {
             "forget_rate": rate,
-            "kept_fraction": float(keep1.float().mean()),
+            "kept_fraction": keep1.float().mean(),  # a tensor: logged without a host read
             "keep_for_net1": keep1,
             "keep_for_net2": keep2,
             "agreement_gate": 1.0 if gate is None else gate,
         }
         return loss, SampleBatch.create(index, target, logits1, loss1), stats
+
+
+def _kept_mean(loss: Tensor, keep: Tensor) -> Tensor:
+    """``loss[keep].mean()`` computed on the device, without a data-dependent shape."""
+    return torch.where(keep, loss, torch.zeros_like(loss)).sum() / keep.sum()

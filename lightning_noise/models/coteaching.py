@@ -140,6 +140,6 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
         self.log("coteaching/kept_fraction", stats["kept_fraction"], on_epoch=True, batch_size=n)
         if self.noise_mask.numel():
             keep = stats["keep_for_net1"]
-            clean = (~self.noise_mask[sample_batch.index])[keep].float().mean()
+            clean = ((~self.noise_mask[sample_batch.index]) & keep).sum() / keep.sum()
             self.log("coteaching/label_precision", clean, on_epoch=True, batch_size=n)
         return self.step_outputs(loss, sample_batch)
