@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_noise._validate import check_int
+from lightning_noise.data.base import ResumableSampler
 
 __all__ = ["PromptResponseDataModule", "load_tokenizer", "read_pairs"]
 
@@ -225,15 +226,29 @@ class PromptResponseDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         if split not in self._splits:
             return []
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        # The shuffled training loader is stateful (torchdata): a checkpoint holds its
-        # position and the generator's state, so a mid-epoch resume continues exactly.
-        loader_class = StatefulDataLoader if shuffle else DataLoader
-        return loader_class(
-            self._splits[split],
+        dataset = self._splits[split]
+        if not shuffle:
+            return DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=_Collate(self.pad_id),
+            )
+        # The training order is a function of (seed, epoch) (Lightning calls set_epoch on a
+        # DistributedSampler it finds, also on one process), split into disjoint shards under
+        # DDP; the loader is stateful (torchdata), so a checkpoint taken mid-epoch resumes at
+        # the next batch of that epoch's order (as NoisyLabelDataModule's loaders do).
+        num_replicas, rank = 1, 0
+        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None)
+        if kwargs:
+            num_replicas, rank = int(kwargs["num_replicas"]), int(kwargs["rank"])
+        sampler = ResumableSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed
+        )
+        return StatefulDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=_Collate(self.pad_id),
         )

@@ -166,3 +166,41 @@ def test_bad_setups_fail_clearly(files, tmp_path) -> None:
     built = CausalLMModule(config={"model_type": "llama", "vocab_size": 40, **sizes})
     assert type(built.model).__name__ == "LlamaForCausalLM"
     assert built.model.config.vocab_size == 40 and built.model.training
+
+
+def _fit(files, root, max_steps: int, ckpt_path=None, seed: int = 0) -> CausalLMModule:
+    from lightning_noise.callbacks import ResumableCheckpoint
+
+    pl.seed_everything(seed, verbose=False)
+    lm = CausalLMModule(str(files / "model"), lora_r=None)
+    checkpoint = ResumableCheckpoint(
+        dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[SmallLossSelection(forget_rate=0.25, num_gradual=1), checkpoint],
+        default_root_dir=root,
+        deterministic=True,
+    )
+    trainer.fit(lm, datamodule=_data(files), ckpt_path=ckpt_path)
+    return lm
+
+
+def test_resume_mid_epoch_is_exact(files, tmp_path) -> None:
+    """4 batches an epoch; stopped after 3 steps (mid-epoch), resumed to 6 (into epoch 2)."""
+    straight = _fit(files, tmp_path / "a", max_steps=6)
+    _fit(files, tmp_path / "b", max_steps=3)
+    resumed = _fit(files, tmp_path / "c", 6, ckpt_path=tmp_path / "b" / "step=3.ckpt", seed=1)
+    start = CausalLMModule(str(files / "model")).state_dict()
+    changed = False
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+        changed |= not torch.equal(a, start[name])
+    assert changed
