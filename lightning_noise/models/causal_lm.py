@@ -17,9 +17,11 @@ How each method sees a language model (the level it acts at):
   these (each pair weighs the same, whatever its length; Hugging Face's own loss is the mean
   over all answer tokens), reduced through
   :class:`~lightning_noise.mixins.PerSampleLossMixin`, so small-loss selection, Adaptive-k
-  and other sample policies keep or weight whole pairs. The ``SampleBatch`` they and the
-  observers (``TrainingDynamics``) see holds, for each pair, that loss and the logits and
-  label of its *first answer token* (``correct`` and ``margin`` are of that token).
+  and other sample policies keep or weight whole pairs. The ``SampleBatch`` they see (and
+  ``training_step`` returns) holds, for each pair, that loss and the logits and label of its
+  *first answer token* (``correct`` and ``margin`` are of that token). ``TrainingDynamics``,
+  ``LabelAudit`` and ``LateStopping`` read the training set's ``(input, target, index)``
+  samples and refuse these dict samples at setup.
 * **NoiseFiT: token level, on the transformer blocks.** The blocks are found by structure
   (the ``layers`` / ``h`` / ``blocks`` container, also inside a peft wrapper); the hybrid
   loss's KL terms are averaged over the answer tokens.

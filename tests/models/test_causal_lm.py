@@ -204,3 +204,23 @@ def test_resume_mid_epoch_is_exact(files, tmp_path) -> None:
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
         changed |= not torch.equal(a, start[name])
     assert changed
+
+
+def test_sam_with_the_fused_head_and_gradient_noise_train(files, tmp_path) -> None:
+    from lightning_noise.callbacks import SAM, GradientNoise
+
+    for callbacks in ([SAM(rho=0.05), KernelSwap(fused_head=True)], [GradientNoise()]):
+        lm = CausalLMModule(str(files / "model"))
+        before = [p.detach().clone() for p in lm.parameters()]
+        trainer = pl.Trainer(
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(lm, datamodule=_data(files))
+        assert torch.isfinite(trainer.callback_metrics["train/loss"])
+        assert any(not torch.equal(p, q) for p, q in zip(lm.parameters(), before, strict=True))
