@@ -14,6 +14,7 @@ settings table (tests/callbacks/test_settings.py) and ELR's loss on the real sta
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -132,10 +133,18 @@ def test_compiled_model_trains_with_six_callbacks_like_eager(tmp_path) -> None:
     assert not torch.equal(trained, start.step.net[1].weight)  # it trained
 
 
+#: The backend of the slow tests (LIGHTNING_NOISE_COMPILE_BACKEND=aot_eager checks the tracing
+#: alone in a fraction of the time; the default is inductor, what users get).
+BACKEND = os.environ.get("LIGHTNING_NOISE_COMPILE_BACKEND", "inductor")
+
+
 def _fit_real_stack(tmp_path: Path, name: str, compile: bool, criterion=None):
     setting = SETTINGS[name]
     pl.seed_everything(0, verbose=False)
     model = setting.model()
+    # SGD: AdamW's first steps move each weight by about lr * sign(gradient), which turns the
+    # compiled code's rounding on near-zero gradients into differences of lr
+    model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)
     if criterion is not None:
         model.criterion = criterion()
         model.criterion.reduction = "none"
@@ -143,7 +152,8 @@ def _fit_real_stack(tmp_path: Path, name: str, compile: bool, criterion=None):
     if setting.dynamics:
         cbs.insert(0, TrainingDynamics())
     trainer = make_trainer(tmp_path, cbs, max_epochs=2, limit_train_batches=5, limit_val_batches=0)
-    trainer.fit(torch.compile(model) if compile else model, datamodule=_digits(200))
+    fitted = torch.compile(model, backend=BACKEND) if compile else model
+    trainer.fit(fitted, datamodule=_digits(200))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -155,7 +165,7 @@ def test_every_callback_with_a_directly_compiled_classifier(tmp_path, name) -> N
     compiled = _fit_real_stack(tmp_path / "compiled", name, compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     for key, value in eager.items():
-        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-3, msg=key)
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-4, msg=key)
 
 
 @pytest.mark.slow
@@ -166,7 +176,7 @@ def test_elr_loss_with_a_directly_compiled_classifier(tmp_path) -> None:
     eager = _fit_real_stack(tmp_path / "e", "NonFiniteGuard", compile=False, criterion=elr)
     compiled = _fit_real_stack(tmp_path / "c", "NonFiniteGuard", compile=True, criterion=elr)
     for key, value in eager.items():
-        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-3, msg=key)
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-4, msg=key)
 
 
 @pytest.mark.slow  # a second inductor build (~20 s); tests/kernels/test_compile.py checks the
