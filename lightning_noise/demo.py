@@ -5,7 +5,15 @@ LightningCLI as ``lightning-noise fit``; the demo then tests the final model, pr
 results table and writes a PNG of the memorisation curve (training accuracy against the
 given labels, on clean-labelled and on noisy-labelled samples, per epoch).
 
+Each row prints ``row 3/10: <name>`` as it starts. A row whose method had not started acting
+by the last epoch (a selection method still in its warm-up or at a forget rate of 0, Late
+Stopping before its first round ends) gets a note under the table: its figures are those of
+plain training, and the note says which schedule was not reached.
+
 To add a method to the demo, write its recipe and append one :class:`DemoRow`.
+
+Lightning is imported when a row runs, not with this module: ``lightning-noise demo --help``
+and ``--list`` start at once.
 """
 
 from __future__ import annotations
@@ -17,11 +25,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
-__all__ = ["DEMO_ROWS", "DemoRow", "MetricHistory", "find_recipe", "main", "run_row"]
+__all__ = ["DEMO_ROWS", "DemoRow", "find_recipe", "main", "not_acting_note", "run_row"]
 
 
 @dataclass(frozen=True)
@@ -73,13 +82,18 @@ DEMO_ROWS: list[DemoRow] = [
     DemoRow("NoiseFiT (ViT)", "digits_vit_noisefit.yaml"),
 ]
 
-#: Per-epoch metrics the demo records and plots.
-HISTORY_KEYS = (
-    "train/acc_clean_labels",
-    "train/acc_noisy_labels",
-    "train/recovered_noisy",
-    "val/acc",
-)
+#: Per-epoch figures that show whether a method has started acting: ``key -> (what "not
+#: acting" means, the test that it acted in an epoch given the figure's per-epoch values)``.
+#: The sample-selection mixin logs the kept fraction for every sample policy (1.0 during a
+#: warm-up or at a forget rate of 0); Late Stopping logs the size of the set it trains on.
+ACTION_KEYS: dict[str, tuple[str, Any]] = {
+    "train/kept_fraction": ("it kept every sample", lambda values: min(values) < 1.0),
+    "coteaching/kept_fraction": ("it kept every sample", lambda values: min(values) < 1.0),
+    "late_stopping/kept": (
+        "it trained on the full set: no round ended",
+        lambda values: min(values) < values[0],
+    ),
+}
 
 
 @dataclass
@@ -87,34 +101,8 @@ class RowResult:
     row: DemoRow
     metrics: dict[str, float]
     history: dict[str, list[float]] = field(default_factory=dict)
-
-
-class MetricHistory(pl.Callback):
-    """Records selected epoch-level metrics from ``trainer.callback_metrics``.
-
-    Lightning logs the module's epoch-end metrics after most callbacks' epoch-end hooks run,
-    so an epoch is recorded at the start of the next one and at the end of training.
-    """
-
-    def __init__(self, keys: Sequence[str] = HISTORY_KEYS) -> None:
-        self.keys = tuple(keys)
-        self.history: dict[str, list[float]] = {k: [] for k in self.keys}
-        self._recorded = -1
-
-    def _record(self, trainer: pl.Trainer, epoch: int) -> None:
-        if epoch <= self._recorded or trainer.sanity_checking:
-            return
-        for key in self.keys:
-            value = trainer.callback_metrics.get(key)
-            self.history[key].append(float(value) if value is not None else math.nan)
-        self._recorded = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch > 0:
-            self._record(trainer, trainer.current_epoch - 1)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record(trainer, trainer.current_epoch - 1 if trainer.current_epoch else 0)
+    #: Why the row's figures are those of plain training, when its method never acted.
+    note: str | None = None
 
 
 def find_recipe(name: str, folder: str = "recipes") -> Path:
@@ -136,9 +124,10 @@ def _slug(name: str) -> str:
 
 def run_row(row: DemoRow, *, out_dir: Path, extra_args: Sequence[str] = ()) -> RowResult:
     """Fit one recipe, test the final model and return its metrics and history."""
+    from lightning_noise.history import HISTORY_KEYS, MetricHistory
     from lightning_noise.lightning_cli import build_cli
 
-    history = MetricHistory()
+    history = MetricHistory((*HISTORY_KEYS, *ACTION_KEYS))
     run_dir = out_dir / _slug(row.name)
     args = [
         "--config",
@@ -162,7 +151,47 @@ def run_row(row: DemoRow, *, out_dir: Path, extra_args: Sequence[str] = ()) -> R
     (test_metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics.update({k: float(v) for k, v in test_metrics.items()})
     metrics.update(_detection_metrics(cli.trainer))
-    return RowResult(row, metrics, history.history)
+    note = not_acting_note(row.name, history.history, _schedule_hint(cli.trainer, cli.model))
+    return RowResult(row, metrics, history.history, note)
+
+
+def not_acting_note(name: str, history: dict[str, list[float]], hint: str = "") -> str | None:
+    """A note when the per-epoch ``history`` shows a method that never acted, else ``None``.
+
+    Only rows that log one of :data:`ACTION_KEYS` can get a note: the other methods act from
+    the first step.
+    """
+    for key, (what, acted) in ACTION_KEYS.items():
+        values = [v for v in history.get(key, []) if not math.isnan(v)]
+        if values and not acted(values):
+            epochs = len(values)
+            return (
+                f"{name} did not act in its {epochs} epoch{'s' * (epochs != 1)} ({what}), so "
+                f"its figures are those of plain training{': ' + hint if hint else ''}; "
+                "run more epochs (--epochs) to see it act"
+            )
+    return None
+
+
+def _schedule_hint(trainer: pl.Trainer, model: pl.LightningModule) -> str:
+    """The schedule that delays a method, in words, from its settings."""
+    from lightning_noise.callbacks import AdaptiveK, LateStopping, SmallLossSelection
+    from lightning_noise.models import CoTeachingClassifier
+
+    for obj in [*trainer.callbacks, model]:
+        if isinstance(obj, AdaptiveK):
+            return f"its warm-up keeps every sample for warmup_epochs={obj.warmup_epochs} epochs"
+        if isinstance(obj, (SmallLossSelection, CoTeachingClassifier)):
+            return (
+                "its forget rate is 0 in the first epoch and ramps up over "
+                f"num_gradual={obj.num_gradual} epochs"
+            )
+        if isinstance(obj, LateStopping):
+            return (
+                "its first round ends only after warmup_epochs="
+                f"{obj.warmup_epochs} epochs, once enough samples are learned k epochs in a row"
+            )
+    return ""
 
 
 def _detection_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -199,31 +228,35 @@ def print_table(results: Sequence[RowResult], *, title: str) -> None:
 
 def plot_memorisation(results: Sequence[RowResult], path: Path) -> Path:
     """Two panels, one colour a row: training accuracy against the given labels on clean-
-    (solid) and noisy-labelled (dashed) samples per epoch, and validation accuracy."""
-    import matplotlib
+    (solid) and noisy-labelled (dashed) samples per epoch, and validation accuracy.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Every row has its own colour (any number of rows), each epoch a marker (a 1-epoch demo
+    shows one point a line), the epoch axis whole numbers, and the legend sits beside the
+    panels."""
+    from lightning_noise import plots
 
+    plt = plots._pyplot()
     fig, (mem, val) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for i, result in enumerate(results):
-        colour, h = f"C{i}", result.history
-        epochs = range(1, len(h["train/acc_clean_labels"]) + 1)
-        mem.plot(epochs, h["train/acc_clean_labels"], color=colour, label=result.row.name)
-        mem.plot(epochs, h["train/acc_noisy_labels"], color=colour, linestyle="--")
-        val.plot(epochs, h["val/acc"], color=colour, label=result.row.name)
-    mem.set_title("Training accuracy vs given label: clean-labelled (solid), noisy (dashed)")
+    colours = plots.distinct_colours(len(results))
+    epochs_drawn: set[int] = set()
+    for colour, result in zip(colours, results, strict=True):
+        h = result.history
+        epochs = list(range(1, len(h["train/acc_clean_labels"]) + 1))
+        epochs_drawn.update(epochs)
+        style = {"color": colour, "markersize": 4}
+        mem.plot(epochs, h["train/acc_clean_labels"], marker="o", label=result.row.name, **style)
+        mem.plot(epochs, h["train/acc_noisy_labels"], marker="s", linestyle="--", **style)
+        val.plot(epochs, h["val/acc"], marker="o", label=result.row.name, **style)
+    mem.set_title("Training accuracy vs given label:\nclean-labelled (solid), noisy (dashed)")
     val.set_title("Validation accuracy (clean labels)")
     for ax in (mem, val):
-        ax.set_xlabel("epoch")
+        plots.epoch_axis(ax, sorted(epochs_drawn))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     mem.set_ylabel("accuracy")
-    val.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    plots.outside_legend(val)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots._save(plt, fig, path)
     return path
 
 
@@ -252,8 +285,14 @@ def main(argv: Sequence[str] | None = None) -> list[RowResult]:
         rows = [known[n] for n in ns.rows]
     if ns.epochs is not None:
         extra = [*extra, f"--trainer.max_epochs={ns.epochs}"]
-    results = [run_row(row, out_dir=ns.out, extra_args=extra) for row in rows]
+    results = []
+    for i, row in enumerate(rows, start=1):
+        print(f"row {i}/{len(rows)}: {row.name}", flush=True)
+        results.append(run_row(row, out_dir=ns.out, extra_args=extra))
     print_table(results, title="lightning-noise demo: digits, 40% symmetric label noise")
+    for result in results:
+        if result.note:
+            print(f"note: {result.note}")
     png = plot_memorisation(results, ns.out / "memorisation.png")
     print(f"memorisation curve written to {png}")
     return results

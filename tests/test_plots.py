@@ -273,7 +273,7 @@ def test_plot_module_imports_neither_torch_nor_matplotlib() -> None:
     import sys
 
     code = (
-        "import sys, lightning_noise.plots; "
+        "import sys, lightning_noise.plots, lightning_noise.demo, lightning_noise.sweep; "
         "print(sorted(m for m in ('torch', 'lightning', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
