@@ -153,8 +153,8 @@ def softmax_bytes(n: int, c: int, dtype: torch.dtype) -> int:
     """Bytes our softmax kernels move, forward + backward, for ``[n, c]`` on a GPU: 5 n c
     elements when a row fits in one block of columns, 8 n c when it does not (the forward
     reads x twice, the backward reads y and dy twice). The block is the one the autotuner
-    chose for the last launch (run the kernel first), else the fixed heuristic's."""
-    chosen = _triton.chosen_config("softmax_forward")
+    chose for this ``c`` and dtype (run the kernel first), else the fixed heuristic's."""
+    chosen = _triton.chosen_config("softmax_forward", n_cols=c, dtype=dtype)
     if chosen is not None:
         block_c = chosen["BLOCK_C"]
     else:
@@ -215,7 +215,7 @@ def _bench_losses(x: torch.Tensor, y: torch.Tensor, args, bw: float, compiled) -
     nbytes["ours"] = softmax_bytes(n, c, x.dtype)
     rows += _report(softmaxes, nbytes=nbytes, bw=bw, case=case, repeats=args.repeats, reset=reset)
     for kernel in ("ce_forward", "ce_backward", "softmax_forward", "softmax_backward"):
-        print(f"{kernel} configuration at C={c}: {_triton.chosen_config(kernel)}")
+        print(f"{kernel} at C={c}: {_triton.chosen_config(kernel, n_cols=c, dtype=x.dtype)}")
     return rows
 
 

@@ -164,11 +164,24 @@ def _jit(name: str, interpret: bool):  # the mode is only part of the cache key
     )(triton.heuristics(values)(kernel))
 
 
-def chosen_config(name: str) -> dict[str, Any] | None:
-    """The configuration of the last launch of kernel ``name`` (``BLOCK_C``, ``num_warps``,
-    ``num_stages``), or ``None`` before its first launch in this mode."""
+def chosen_config(
+    name: str, n_cols: int | None = None, dtype: torch.dtype | None = None
+) -> dict[str, Any] | None:
+    """The configuration (``BLOCK_C``, ``num_warps``, ``num_stages``) kernel ``name`` uses in
+    this mode: for ``n_cols`` columns (and ``dtype``) when given, else that of its last launch;
+    ``None`` when it has not been launched so."""
     tuner = _jit(name, interpreting())
-    best = getattr(tuner, "best_config", None)
+    if n_cols is None:
+        best = getattr(tuner, "best_config", None)
+    else:
+        best = next(
+            (
+                config
+                for key, config in tuner.cache.items()
+                if key[0] == n_cols and (dtype is None or str(dtype) in key[1:])
+            ),
+            None,
+        )
     if best is None:
         return None
     return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}

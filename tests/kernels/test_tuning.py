@@ -77,12 +77,12 @@ def test_the_interpreter_launches_the_chosen_configuration(interpret) -> None:
     y = torch.randint(1500, (37,))
     cross_entropy(x, y, impl="triton").backward()
     _, block_c, warps = _triton._tiles(37, 1500, x.dtype, interpret=True)
+    expected = {"BLOCK_C": block_c, "num_warps": warps, "num_stages": 1}
     for name in ("ce_forward", "ce_backward"):
-        assert _triton.chosen_config(name) == {
-            "BLOCK_C": block_c,
-            "num_warps": warps,
-            "num_stages": 1,
-        }
+        assert _triton.chosen_config(name) == expected
+        assert _triton.chosen_config(name, n_cols=1500, dtype=torch.float32) == expected
+        assert _triton.chosen_config(name, n_cols=1500, dtype=torch.float16) is None
+        assert _triton.chosen_config(name, n_cols=1499) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tunes on a CUDA GPU")
