@@ -28,6 +28,19 @@ cleanlab is not a dependency of lightning-noise. Install it in the benchmark env
 environment variable) at a folder installed with ``pip install --target DIR cleanlab``.
 Without it the LabelAudit rows are still measured.
 
+AUM with threshold samples (Pleiss et al. 2020; ``LabelAudit(score="aum", threshold="auto")``)
+decides how many samples to flag without the noise rate. ``--threshold-sets K`` (default 2)
+adds K more fits per seed, fit ``k`` with the DataModule's ``threshold_samples=k`` (a disjoint
+set of N // (C + 1) samples relabelled to a fake 11th class, one more model output):
+
+* ``LabelAudit/aum/threshold_set<k>``: that run's verdict on the samples it judges (all but
+  its own threshold samples);
+* ``LabelAudit/aum/threshold_<K>runs``: the official combination of the runs
+  (``runner.py``'s ``aum_wtr``): a sample is flagged when every run that judged it flags it;
+  scored over every sample.
+
+``--threshold-only`` skips the four-score fit and cleanlab (the other rows).
+
 Results are appended to ``benchmarks/results.csv``.
 
 Run: ``python benchmarks/label_audit.py`` (``--help`` for sizes).
@@ -95,7 +108,7 @@ def make_trainer(args: argparse.Namespace, callbacks: list[pl.Callback]) -> pl.T
     )
 
 
-def make_model(args: argparse.Namespace) -> ImageClassifier:
+def make_model(args: argparse.Namespace, num_classes: int = 10) -> ImageClassifier:
     if args.optimizer == "sgd":
 
         def optimizer(p: Any) -> torch.optim.Optimizer:
@@ -105,7 +118,7 @@ def make_model(args: argparse.Namespace) -> ImageClassifier:
         def optimizer(p: Any) -> torch.optim.Optimizer:
             return torch.optim.AdamW(p, lr=args.lr, weight_decay=1e-4)
 
-    return ImageClassifier(args.backbone, num_classes=10, in_chans=1, optimizer=optimizer)
+    return ImageClassifier(args.backbone, num_classes=num_classes, in_chans=1, optimizer=optimizer)
 
 
 def softmax_by_index(model: ImageClassifier, dataset: Dataset, n: int) -> np.ndarray:
@@ -154,8 +167,48 @@ def budget_detection(suspicion: np.ndarray, noisy: np.ndarray) -> dict[str, floa
     return out
 
 
+def threshold_runs(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]:
+    """AUM with threshold samples: one fit per set, and the runs combined as the official code."""
+    results: dict[str, dict[str, float]] = {}
+    judged_by = []  # (judged mask, flags) per run
+    noisy = None
+    for set_index in range(1, args.threshold_sets + 1):
+        pl.seed_everything(seed, verbose=False)
+        dm = DigitsDataModule(
+            noise=LabelNoise(args.noise, args.noise_rate, seed=seed),
+            image_size=args.image_size,
+            channels=1,
+            batch_size=args.batch_size,
+            seed=seed,
+            threshold_samples=set_index,
+        )
+        model = make_model(args, num_classes=dm.model_num_classes)
+        audit = LabelAudit(
+            "aum", threshold="auto", output_dir=os.path.join(args.root, f"seed{seed}_t{set_index}")
+        )
+        make_trainer(args, [TrainingDynamics(k=args.k), audit]).fit(model, datamodule=dm)
+        assert audit.detection is not None and audit.threshold_mask is not None
+        figures = {k: audit.detection[k] for k in ("precision", "recall", "f1", "flag_fraction")}
+        results[f"LabelAudit/aum/threshold_set{set_index}"] = figures
+        judged_by.append((~audit.threshold_mask, audit.flagged.clone()))
+        noisy = dm.noise_mask
+    assert noisy is not None
+    judged = torch.stack([j for j, _ in judged_by]).double()
+    bad = torch.stack([(j & f) for j, f in judged_by]).double()
+    # runner.py: good_probs = ceil(1 - bad / counts): removed only when every judging run flags.
+    flags = (bad.sum(0) / judged.sum(0).clamp_min(1) >= 1.0) & (judged.sum(0) > 0)
+    combined = noise_detection_scores(flags, noisy)
+    results[f"LabelAudit/aum/threshold_{args.threshold_sets}runs"] = {
+        **{k: float(v) for k, v in combined.items()},
+        "flag_fraction": float(flags.double().mean()),
+    }
+    return results
+
+
 def run_seed(args: argparse.Namespace, seed: int, cleanlab: Any) -> dict[str, dict[str, float]]:
     """All detection figures of one seed: ``{case: {metric: value}}``."""
+    if args.threshold_only:
+        return threshold_runs(args, seed)
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(
         noise=LabelNoise(args.noise, args.noise_rate, seed=seed),
@@ -188,6 +241,8 @@ def run_seed(args: argparse.Namespace, seed: int, cleanlab: Any) -> dict[str, di
     results["LabelAudit/aum"]["noisy_memorised"] = float(
         trainer.callback_metrics["train/acc_noisy_labels"]
     )
+    if args.threshold_sets:
+        results.update(threshold_runs(args, seed))
     if cleanlab is None:
         return results
 
@@ -220,6 +275,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="TrainingDynamics k (first_learned)")
     parser.add_argument("--folds", type=int, default=4, help="cleanlab CV folds; <2: none")
     parser.add_argument("--cleanlab-path", default=os.environ.get("CLEANLAB_PATH"))
+    parser.add_argument(
+        "--threshold-sets", type=int, default=2, help="AUM threshold-sample fits per seed"
+    )
+    parser.add_argument(
+        "--threshold-only", action="store_true", help="only the threshold-sample rows"
+    )
     parser.add_argument("--root", default="runs/benchmark_label_audit")
     parser.add_argument("--no-save", action="store_true", help="do not append results.csv")
     args = parser.parse_args()
@@ -254,6 +315,10 @@ def main() -> None:
         for metric, values in metrics.items():
             rows.append((f"{config}/{case}", metric, statistics.fmean(values)))
     timing = per_case["LabelAudit/aum"]
+    if args.threshold_only:
+        if not args.no_save:
+            append_results("label_audit", rows)
+        return
     print(f"\nfit {statistics.fmean(timing['fit_s']):.1f} s per seed", end="")
     if timing.get("cv_s"):
         print(
