@@ -6,6 +6,8 @@
 #   3. run the kernel tests with the Triton kernels compiled for the GPU (not interpreted),
 #   4. run benchmarks/kernels.py (cross-entropy and softmax forward + backward at N=8192,
 #      C in {32000, 128256}, bfloat16; the head + loss's peak memory at V=128256),
+#   4b. run benchmarks/linear_ce_paths.py (linear_cross_entropy with gradients from forward,
+#      three matrix products, against the recompute path, four: time and peak memory),
 #   5. run benchmarks/overhead.py (each method's cost per step, shortened),
 # and write everything they print, with the device, the versions and the date, to one results
 # file. Every step's exit status is recorded; a failed step does not stop the next one, and
@@ -16,14 +18,15 @@
 #                  benchmarks/gpu_results); on the lent GPU machine pass --out "$OUT".
 #   --dry-run-cpu  the same steps on the CPU: Triton's interpreter, tiny sizes, no GPU needed
 #                  (CUDA is hidden), so the script itself can be tested anywhere.
-# Each step has a time limit in seconds (GPU_CHECK_TIMEOUT_ENV, _TESTS, _KERNELS, _OVERHEAD);
-# the GPU defaults add up to 8 minutes, the budget for one lent H100/H200.
+# Each step has a time limit in seconds (GPU_CHECK_TIMEOUT_ENV, _TESTS, _KERNELS, _LCE,
+# _OVERHEAD); the GPU limits add up to 580 s (380 s without the environment step, which a
+# warm machine skips); the steps normally end well before their limits.
 # GPU_CHECK_TESTS overrides the pytest arguments of step 3.
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 
 out_dir="${GPU_CHECK_OUT:-benchmarks/gpu_results}"
 dry_run=0
@@ -167,6 +170,16 @@ run_step kernel-tests "$GPU_CHECK_TIMEOUT_TESTS" \
 # Autotuned (the warm-up runs tune); TRITON_PRINT_AUTOTUNING=1 writes each choice here.
 run_step kernels-benchmark "$GPU_CHECK_TIMEOUT_KERNELS" \
     env TRITON_PRINT_AUTOTUNING=1 "$py" benchmarks/kernels.py --no-record "${kernels_args[@]}"
+
+# 4b. linear_cross_entropy's two paths (three matrix products with gradients from forward,
+# four with the recompute): time and peak memory of each, in one run.
+if [ "$dry_run" = 1 ]; then
+    lce_args=(--rows 256 --hidden 32 --vocab 4000 --repeats 2)
+else
+    lce_args=(--device cuda --dtype bfloat16 --rows 8192 --hidden 2048 --vocab 128256 --repeats 5)
+fi
+run_step linear-ce-paths "${GPU_CHECK_TIMEOUT_LCE:-40}" \
+    "$py" benchmarks/linear_ce_paths.py "${lce_args[@]}"
 
 # 5. Each method's cost per optimizer step relative to plain training.
 run_step overhead-benchmark "$GPU_CHECK_TIMEOUT_OVERHEAD" \

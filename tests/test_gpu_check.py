@@ -12,7 +12,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ("environment", "device", "kernel-tests", "kernels-benchmark", "overhead-benchmark")
+STEPS = (
+    "environment",
+    "device",
+    "kernel-tests",
+    "kernels-benchmark",
+    "linear-ce-paths",
+    "overhead-benchmark",
+)
 
 
 def dry_run(out: Path, **env: str) -> tuple[subprocess.CompletedProcess, str]:
@@ -46,12 +53,13 @@ def test_dry_run_passes_every_step_and_writes_one_results_file(tmp_path) -> None
 
 
 def test_a_failed_step_is_recorded_and_the_next_steps_still_run(tmp_path) -> None:
-    """A kernel test that does not exist (pytest exits 4) and two benchmarks cut off at 1 s:
+    """A kernel test that does not exist (pytest exits 4) and three benchmarks cut off at 1 s:
     each status is recorded, every step runs, and the script exits non-zero."""
     done, text = dry_run(
         tmp_path,
         GPU_CHECK_TESTS="tests/kernels/test_no_such_file.py",
         GPU_CHECK_TIMEOUT_KERNELS="1",
+        GPU_CHECK_TIMEOUT_LCE="1",
         GPU_CHECK_TIMEOUT_OVERHEAD="1",
     )
     assert done.returncode == 1, done.stdout + done.stderr
@@ -59,5 +67,6 @@ def test_a_failed_step_is_recorded_and_the_next_steps_still_run(tmp_path) -> Non
     assert "-- device: exit status 0 after" in text
     assert "-- kernel-tests: exit status 4 after" in text
     assert "-- kernels-benchmark: exit status 124 (timed out) after" in text
+    assert "-- linear-ce-paths: exit status 124 (timed out) after" in text
     assert "-- overhead-benchmark: exit status 124 (timed out) after" in text
     assert "SOME STEPS FAILED" in text
