@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format clean gpu-check
+.PHONY: demo test test-slow test-wheel lint format clean gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	WANDB_MODE=offline $(VENV)/bin/pytest -m slow
+
+# Build the wheel, install it into a fresh virtual environment and run a recipe from an
+# empty folder (tests/test_wheel.py; offline, about a minute).
+test-wheel: $(STAMP)
+	WANDB_MODE=offline $(VENV)/bin/pytest -m wheel tests/test_wheel.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

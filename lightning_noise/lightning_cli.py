@@ -1,18 +1,18 @@
-"""LightningCLI for the ``lightning-noise`` command: the parser, the recipes and their lookup.
+"""LightningCLI for the ``lightning-noise`` command: the parser and its checks.
 
 The command's entry point is :mod:`lightning_noise.cli`; this module is what the demo, the
-sweeps and the entry point share (``build_cli``, the recipe lookup, ``SUMMARY_ENV``), so that
-nothing imports the entry point back.
+sweeps and the entry point share (``build_cli``, ``SUMMARY_ENV``), so that nothing imports the
+entry point back. Where recipes and configs are is :mod:`lightning_noise.recipes`.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,66 +21,37 @@ from typing import Any
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-__all__ = ["SUMMARY_ENV", "LightningNoiseCLI", "build_cli", "find_recipe", "list_recipes"]
+# The recipe lookup moved to lightning_noise.recipes (no torch import); kept here for callers.
+from lightning_noise.recipes import find_recipe, list_recipes, recipe_summary, recipes_dir
+
+__all__ = [
+    "SUMMARY_ENV",
+    "TRAINER_SUBCOMMANDS",
+    "LightningNoiseCLI",
+    "build_cli",
+    "find_recipe",
+    "list_recipes",
+    "recipe_summary",
+    "recipes_dir",
+]
 
 #: Environment variable naming a JSON file for the final metrics of a ``fit``.
 SUMMARY_ENV = "LIGHTNING_NOISE_SUMMARY"
 
-#: Our own subcommands, dispatched before LightningCLI parses anything.
-SUBCOMMANDS = ("demo", "plot", "recipes", "run", "sweep")
+#: LightningCLI's subcommands (the Trainer methods it runs).
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-
-def recipes_dir() -> Path:
-    """``./recipes`` when it exists, else the repository's ``recipes/``."""
-    here = Path.cwd() / "recipes"
-    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
-
-
-_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(?=\s)")
-
-
-def recipe_summary(path: Path) -> str:
-    """The first sentence of a recipe's leading comment, on one line."""
-    words: list[str] = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        text = line.lstrip("#").strip()
-        if text.startswith("Run:"):
-            break
-        words.append(text)
-    summary = " ".join(words)
-    end = _SENTENCE_END.search(summary)  # a full stop, not that of "et al." or "e.g."
-    return summary if end is None else summary[: end.start() + 1]
-
-
-def list_recipes() -> dict[str, Path]:
-    """Recipe name (file stem) -> path, sorted by name."""
-    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
-
-
-def find_recipe(name: str) -> Path:
-    """The recipe called ``name`` (with or without ``.yaml``), or a ``SystemExit`` naming the
-    close matches."""
-    recipes = list_recipes()
-    stem = name[:-5] if name.endswith(".yaml") else name
-    if stem in recipes:
-        return recipes[stem]
-    close = difflib.get_close_matches(stem, recipes, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise SystemExit(
-        f"no recipe named {name!r} in {recipes_dir()}{hint} (`lightning-noise recipes` lists them)"
-    )
-
-
-def print_recipes() -> None:
-    recipes = list_recipes()
-    width = max(map(len, recipes), default=0)
-    for name, path in recipes.items():
-        print(f"{name:<{width}}  {recipe_summary(path)}")
-    print(f"\nrun one: lightning-noise run <name> [--key=value overrides]  ({recipes_dir()})")
+#: Warnings about the installed libraries' pairing, not the user's run, printed on every fit:
+#: Lightning 2.6's pytree shim asks torch >= 2.10 a deprecated question, and torchdata's
+#: StatefulDataLoader (our resumable training loader) calls torch's deprecated ``set_vital``.
+#: Nothing the user can change; silenced while the CLI runs.
+_NOT_THE_USERS_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*'set_vital' is deprecated.*",
+)
 
 
 #: ``ckpt_path`` values that Lightning resolves itself (not file paths).
@@ -134,8 +105,16 @@ class LightningNoiseCLI(LightningCLI):
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then check ``--ckpt_path`` before LightningCLI loads it for its hparams."""
-        super().parse_arguments(parser, args)
+        """Parse, then check ``--ckpt_path`` before LightningCLI loads it for its hparams.
+
+        Parses as LightningCLI does, without its warning that ``args`` and ``sys.argv`` are
+        both set: the ``lightning-noise`` command always passes its arguments (``run``
+        rewrites them), so that warning would be about our wiring, never the user's input.
+        """
+        if isinstance(args, dict | Namespace):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
         ckpt_path = config.get("ckpt_path") if config is not None else None
@@ -182,13 +161,22 @@ def build_cli(
 ) -> LightningNoiseCLI:
     """Build (and by default run) the CLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    return cli_class(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        args=list(args) if args is not None else None,
-        run=run,
-        **kwargs,
-    )
+    with _quiet():
+        return cli_class(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=list(args) if args is not None else None,
+            run=run,
+            **kwargs,
+        )
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _NOT_THE_USERS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"dynamics"},
     {"callbacks", "mixins"},
     {"models", "plots", "loggers"},
-    {"lightning_cli", "demo", "sweep", "history"},
+    {"lightning_cli", "demo", "sweep", "recipes", "history"},
     {"cli"},
 ]
 #: Parts that are torch-only: no Lightning import (the cores and the contracts).
