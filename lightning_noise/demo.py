@@ -106,9 +106,11 @@ class RowResult:
 
 
 def find_recipe(name: str, folder: str = "recipes") -> Path:
-    """Find a file by name in ``./<folder>`` or the repository's ``<folder>/``."""
-    candidates = [Path(name), Path.cwd() / folder / name]
-    candidates.append(Path(__file__).resolve().parents[1] / folder / name)
+    """Find a file by name in ``./<folder>`` or the shipped ``<folder>/`` (the installed
+    package's copy, or the repository's)."""
+    from lightning_noise.recipes import shipped_root
+
+    candidates = [Path(name), Path.cwd() / folder / name, shipped_root() / folder / name]
     for path in candidates:
         if path.is_file():
             return path
