@@ -155,10 +155,11 @@ def _executable(command: list[str]) -> list[str]:
 
 
 def _history_arg(command: list[str]) -> list[str]:
-    """The argument that makes ``command`` write its history, where it is a ``lightning-noise``
-    LightningCLI ``fit`` (else nothing: the program writes ``$LIGHTNING_NOISE_HISTORY`` itself,
-    or cannot be stopped early)."""
-    if len(command) > 1 and Path(command[0]).name == "lightning-noise" and command[1] == "fit":
+    """The argument that makes ``command`` write its history, where it is a
+    ``lightning-noise fit`` or ``run <recipe>`` (else nothing: the program writes
+    ``$LIGHTNING_NOISE_HISTORY`` itself, or cannot be stopped early)."""
+    ours = len(command) > 1 and Path(command[0]).name == "lightning-noise"
+    if ours and command[1] in ("fit", "run"):
         return [HISTORY_ARG]
     return []
 

@@ -319,4 +319,7 @@ def test_sweep_history_argument_and_file_names_match_the_cli() -> None:
     assert history.HISTORY_ENV == sweep_module.HISTORY_ENV
     cmd = ["lightning-noise", "fit", "--config", "r.yaml"]
     assert sweep_module._history_arg(cmd) == [sweep_module.HISTORY_ARG]
+    run = ["lightning-noise", "run", "digits_sam"]
+    assert sweep_module._history_arg(run) == [sweep_module.HISTORY_ARG]
+    assert sweep_module._history_arg(["lightning-noise", "test", "--config", "r.yaml"]) == []
     assert sweep_module._history_arg(["python", "train.py"]) == []
