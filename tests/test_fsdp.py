@@ -175,7 +175,8 @@ def core_checks(out: dict) -> None:
     # GradientNoise: element for element the noise of the unsharded parameters.
     for p in (*full_params, *sharded_params):
         p.grad.zero_()
-    add_gradient_noise(full_params, 0.3, generator_seed=noise_seed(4, 7))
+    # draw='auto' on DTensor gradients is the counter-based draw: equal to 'counter' in full.
+    add_gradient_noise(full_params, 0.3, generator_seed=noise_seed(4, 7), draw="counter")
     add_gradient_noise(sharded_params, 0.3, generator_seed=noise_seed(4, 7))
     got = [p.grad.full_tensor() for p in sharded_params]
     pairs = list(zip(got, full_params, strict=True))
@@ -191,7 +192,7 @@ def compare_main(out_dir: str) -> None:
     warnings.filterwarnings("ignore")
     results: dict = {}
     for kind in ("ddp", "fsdp"):
-        noise, guard = GradientNoise(eta=0.05, seed=2), NonFiniteGuard()
+        noise, guard = GradientNoise(eta=0.05, seed=2, draw="counter"), NonFiniteGuard()
         _, module = fit(kind, [SAM(rho=0.1), noise, guard], max_steps=5, root=out_dir)
         results[f"{kind}_sam"] = full_state(module)
         results[f"{kind}_guard_skipped"] = guard.skipped_steps
@@ -225,7 +226,7 @@ def resume_main(out_dir: str) -> None:
 
     def callbacks(name):
         if name == "sam":
-            return [SAM(rho=0.1), GradientNoise(eta=0.05, seed=2)]
+            return [SAM(rho=0.1), GradientNoise(eta=0.05, seed=2, draw="counter")]
         return [FSAM(rho=0.2, keep_ratio=0.3, mask_interval=3)]
 
     for name in ("sam", "fsam"):

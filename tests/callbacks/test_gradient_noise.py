@@ -146,13 +146,14 @@ def test_zero_gamma_keeps_the_variance_constant() -> None:
 N_ELEMENTS = 200_000
 
 
-def test_noise_has_the_scheduled_mean_and_variance() -> None:
+@pytest.mark.parametrize("draw", ["generator", "counter"])
+def test_noise_has_the_scheduled_mean_and_variance(draw) -> None:
     eta, gamma, step = 0.3, 0.55, 10
     big = torch.zeros(400, 500, requires_grad=True)  # 200,000 elements
     other = torch.zeros(N_ELEMENTS, requires_grad=True)
     big.grad, other.grad = torch.zeros_like(big), torch.zeros_like(other)
     std = gradient_noise_std(step, eta=eta, gamma=gamma)
-    add_gradient_noise([big, other], std, generator_seed=noise_seed(3, step))
+    add_gradient_noise([big, other], std, generator_seed=noise_seed(3, step), draw=draw)
     variance = eta / (1 + step) ** gamma
 
     # For n i.i.d. normal samples the sample variance s^2 satisfies (n-1) s^2 / sigma^2 ~
@@ -193,6 +194,21 @@ def test_noise_is_added_to_existing_gradients_and_none_is_skipped() -> None:
     assert skipped.grad is None
     torch.testing.assert_close(w.grad - torch.arange(50.0), zero.grad)
     assert float(zero.grad.abs().min()) > 0
+
+
+def test_auto_draw_is_the_generator_for_plain_tensors_and_counter_differs() -> None:
+    """``draw="auto"`` on ordinary gradients is the generator draw; the counter-based draw
+    (what a sharded gradient gets) is another, equally valid, sequence."""
+    grads = {}
+    for draw in ("auto", "generator", "counter"):
+        w = torch.zeros(64, 33, requires_grad=True)
+        w.grad = torch.zeros_like(w)
+        add_gradient_noise([w], 1.0, generator_seed=noise_seed(5, 2), draw=draw)
+        grads[draw] = w.grad
+    assert torch.equal(grads["auto"], grads["generator"])
+    assert not torch.allclose(grads["counter"], grads["generator"])
+    with pytest.raises(ValueError, match="draw"):
+        add_gradient_noise([w], 1.0, generator_seed=0, draw="philox")
 
 
 # ------------------------------------------------------------------------------ determinism
