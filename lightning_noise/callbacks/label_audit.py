@@ -157,7 +157,7 @@ def threshold_flags(
         reports; the flags use the counting rule above).
 
     Example:
-        >>> aum = torch.tensor([3.0, -1.0, 0.5, -2.0, -1.5, -0.5])
+        >>> aum = torch.tensor([3.0, -1.8, 0.5, -2.0, -1.5, -0.5])
         >>> mask = torch.tensor([False, False, False, True, True, True])
         >>> flags, cut = threshold_flags(aum, mask, percentile=50.0)
         >>> flags.tolist(), round(cut, 2)
