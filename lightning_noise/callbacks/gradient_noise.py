@@ -126,9 +126,7 @@ class GradientNoise(Callback):
         step = trainer.global_step
         std = self.std(step)
         params = (p for group in optimizer.param_groups for p in group["params"])
-        add_gradient_noise(
-            params, std, generator_seed=noise_seed(self.seed, step), draw=self.draw
-        )
+        add_gradient_noise(params, std, generator_seed=noise_seed(self.seed, step), draw=self.draw)
         self.last_step = step
         pl_module.log("gradient_noise/std", std, on_step=True, on_epoch=False)
 
