@@ -158,6 +158,7 @@ def _fit_real_stack(tmp_path: Path, name: str, compile: bool, criterion=None):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two fits and a compile of a ResNet: minutes on a loaded CPU
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_every_callback_with_a_directly_compiled_classifier(tmp_path, name) -> None:
     """``trainer.fit(torch.compile(ImageClassifier(...)))`` with each callback equals eager."""
@@ -169,6 +170,7 @@ def test_every_callback_with_a_directly_compiled_classifier(tmp_path, name) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_elr_loss_with_a_directly_compiled_classifier(tmp_path) -> None:
     def elr():
         return ELRLoss(beta=0.7, lam=3.0, num_samples=1168)  # the digits' training split
