@@ -262,10 +262,9 @@ OTHER_RUNS = {
 
 
 def _plain_state(callback) -> dict:
-    """A callback's state for comparison: without paths and without Late Stopping's copy of
-    the initial weights (local DTensor shards under FSDP2; the weights are compared anyway)."""
+    """A callback's state for comparison, without paths. Late Stopping's copy of the initial
+    weights stays in: under FSDP2 it is gathered to full tensors, equal to the DDP run's."""
     state = dict(callback.state_dict())
-    state.pop("initial_state", None)
     state.pop("output_dir", None)
     return state
 

@@ -35,6 +35,7 @@ from lightning_noise._validate import check_int
 from lightning_noise.data.restrict import restrict_loader
 from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.dynamics.reports import full_training_set, known_noise_info
+from lightning_noise.functional._sharding import full_cpu_copy, placed_like
 from lightning_noise.functional.late_stopping import (
     RoundPlan,
     check_rates,
@@ -306,10 +307,10 @@ class LateStopping(Callback):
         # After a resume the checkpoint has restored the state: keep its snapshot and set.
         if self._initial_state is None:
             # A module's extra state (e.g. ELRLoss's per-sample targets) is not a tensor.
+            # Under FSDP2 the weights are gathered to full tensors (every rank takes part), so
+            # a checkpoint, which keeps rank zero's copy, holds the whole snapshot.
             self._initial_state = {
-                key: value.detach().to("cpu", copy=True)
-                if isinstance(value, Tensor)
-                else copy.deepcopy(value)
+                key: full_cpu_copy(value) if isinstance(value, Tensor) else copy.deepcopy(value)
                 for key, value in pl_module.state_dict().items()
             }
         # Before the fit loop requests its first training loader.
@@ -433,7 +434,16 @@ class LateStopping(Callback):
     def _restart(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fresh weights, fresh optimizers and a training loader over the kept set."""
         assert self._initial_state is not None
-        pl_module.load_state_dict(self._initial_state)
+        # Under FSDP2 each rank loads its own block of the full snapshot.
+        current = pl_module.state_dict()
+        pl_module.load_state_dict(
+            {
+                key: placed_like(value, current[key])
+                if isinstance(value, Tensor) and key in current
+                else value
+                for key, value in self._initial_state.items()
+            }
+        )
         trainer.strategy.setup_optimizers(trainer)
         self._restrict(self._source)
         # The fit loop requests a new loader at the next epoch start. A sampler that shrinks

@@ -22,7 +22,15 @@ except ImportError:  # pragma: no cover - such builds are not tested here
     dist = None  # type: ignore[assignment]
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["block_offsets", "is_sharded", "local", "reduce_groups", "sum_over_shards"]
+__all__ = [
+    "block_offsets",
+    "full_cpu_copy",
+    "is_sharded",
+    "local",
+    "placed_like",
+    "reduce_groups",
+    "sum_over_shards",
+]
 
 
 def is_sharded(t: Tensor | None) -> bool:
@@ -113,3 +121,25 @@ def block_offsets(t: Tensor) -> tuple[torch.Size, tuple[int, ...]]:
         offsets[d] += start
         sizes[d] = max(0, min(chunk, sizes[d] - start))
     return shape, tuple(offsets)
+
+
+def full_cpu_copy(t: Tensor) -> Tensor:
+    """A detached CPU copy of the whole of ``t``: a ``DTensor`` is gathered to its full tensor
+    first (a collective: under FSDP2 every rank must call it, in the same order)."""
+    if is_sharded(t):
+        t = t.full_tensor()
+    return t.detach().to("cpu", copy=True)
+
+
+def placed_like(full: Tensor, current: Tensor) -> Tensor:
+    """``full`` laid out as ``current``: for a ``DTensor`` ``current``, this rank's block of
+    ``full`` on ``current``'s mesh and placements (sliced locally, no communication: every
+    rank holds ``full``); ``full`` itself otherwise."""
+    if not is_sharded(current):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    device = current.to_local().device
+    return distribute_tensor(
+        full.to(device), current.device_mesh, current.placements, src_data_rank=None
+    )
