@@ -6,7 +6,7 @@ fake kernel against the real one, autograd, AOT dispatch with dynamic shapes); a
 of the public functions is one graph on both paths (``torch._dynamo.explain``), and its value
 and gradients equal eager ones. ``aot_eager`` compiles in a second on the CPU; inductor (which
 builds C++ with gcc) is checked in the slow tests here, and by default in
-``tests/test_compile.py``'s compiled training run.
+``tests/test_compiled_training.py``'s compiled training run.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_double_backward_still_refused_through_the_ops() -> None:
 
 
 @pytest.mark.slow  # inductor's C++ build: ~20 s here (the default suite's compiled training
-# test in tests/test_compile.py runs the fused cross-entropy through inductor instead)
+# test in tests/test_compiled_training.py runs the fused cross-entropy through inductor instead)
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="inductor on the CPU needs gcc")
 def test_inductor_compiles_the_torch_path() -> None:
     """The default backend (inductor, C++ on the CPU): the operators stay opaque calls in the
