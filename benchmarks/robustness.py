@@ -220,6 +220,7 @@ def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace)
     result: dict[str, Any] = {
         "last": tester.accuracy[-1],
         "best": max(final),
+        "final": final,  # test accuracy of each epoch of the final run (all epochs but LS's)
         "epochs": len(tester.accuracy),
         "f1": float("nan"),
     }
