@@ -888,6 +888,7 @@ def _ddp_main(out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # 14 s; SAM under DDP stays in tests/callbacks/test_sam.py's default tests
 @pytest.mark.ddp
 def test_stateful_sam_pairs_under_ddp(tmp_path) -> None:
     from _ddp import run_ddp_script

@@ -228,6 +228,7 @@ def test_late_stopping_survives_sigkills_around_a_round_switch(tmp_path) -> None
     _assert_same_end(tmp_path / "straight" / "end.ckpt", crashed)
 
 
+@pytest.mark.slow  # 51 s; single-process SIGKILL cases and the DDP tests stay in the default suite
 @pytest.mark.ddp
 def test_two_process_ddp_survives_sigkill(tmp_path) -> None:
     """Both ranks are killed at step 23 and the job resumes from step 20, mid-epoch."""

@@ -74,6 +74,7 @@ def test_invalid_sweep_fails_clearly(tmp_path) -> None:
         load_sweep(bad)
 
 
+@pytest.mark.slow  # 21 s; tests/test_readme.py runs the README's sweep command in the default suite
 def test_sweep_runs_two_trials_offline_with_their_metrics(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
