@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_noise import kernels
+from lightning_noise._ce_call import cross_entropy_call, is_class_index_call
 
 __all__ = [
     "FusedLMHead",
@@ -92,18 +93,11 @@ class _RouteCrossEntropy(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is not F.cross_entropy:
             return func(*args, **kwargs)
-        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce")
-        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        call = cross_entropy_call(args, kwargs)
         logits, target = call["input"], call["target"]
         fits = (
-            call.get("weight") is None
-            and call.get("size_average") is None
-            and call.get("reduce") is None
-            and isinstance(logits, Tensor)
-            and isinstance(target, Tensor)
-            and logits.dim() == 2
-            and target.dim() == 1
-            and not target.dtype.is_floating_point
+            is_class_index_call(call)
+            and call.get("weight") is None
             and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and call.get("reduction", "mean") in ("mean", "sum", "none")
         )

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from lightning_noise._ce_call import cross_entropy_call, is_class_index_call
 from lightning_noise._compat import assert_on_device, attached_trainer
 from lightning_noise.types import SampleBatch, SamplePolicy, find_callbacks
 
@@ -40,16 +41,11 @@ class CapturedCrossEntropy(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is not F.cross_entropy:
             return func(*args, **kwargs)
-        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce")
-        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        call = cross_entropy_call(args, kwargs)
         logits, target = call["input"], call["target"]
         plain_mean = (
             call.get("reduction", "mean") == "mean"
-            and call.get("size_average") is None
-            and call.get("reduce") is None
-            and logits.dim() == 2
-            and target.dim() == 1
-            and not target.dtype.is_floating_point
+            and is_class_index_call(call)
             and logits.shape[0] == self.index.shape[0]
         )
         if not plain_mean:
