@@ -32,6 +32,7 @@ from lightning_noise.dynamics import TrainingDynamics
 from lightning_noise.kernels import FusedCrossEntropyLoss
 from lightning_noise.losses import ELRLoss
 from lightning_noise.mixins import PerSampleLossMixin
+from lightning_noise.models import CoTeachingClassifier
 from lightning_noise.types import SampleBatch
 
 sys.path.insert(0, str(Path(__file__).parent / "callbacks"))
@@ -199,3 +200,44 @@ def test_fused_loss_matches_pytorch_inside_the_compiled_step() -> None:
     torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-6)
     for g, p in zip(got, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+class CompiledCoTeaching(CoTeachingClassifier):
+    """Co-teaching with both networks compiled in ``configure_model``, as a user would."""
+
+    def __init__(self, compile: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.compile_networks = compile
+
+    def configure_model(self) -> None:
+        if self.compile_networks:
+            self.backbone.compile(backend=BACKEND)
+            self.backbone2.compile(backend=BACKEND)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_coteaching_with_both_networks_compiled_equals_eager(tmp_path) -> None:
+    """Co-teaching's two networks compiled: the cross-update (each network trains on the other's
+    small-loss samples) ends where eager ends, and the selection really dropped samples."""
+    finals = {}
+    for compile in (False, True):
+        pl.seed_everything(0, verbose=False)
+        model = CompiledCoTeaching(
+            compile, backbone="test_resnet", num_classes=10, in_chans=1,
+            forget_rate=0.4, num_gradual=1,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        )  # fmt: skip
+        trainer = make_trainer(
+            tmp_path / str(compile), [], max_epochs=2, limit_train_batches=5,
+            limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(model, datamodule=_digits(50))
+        assert trainer.callback_metrics["coteaching/kept_fraction"] < 0.9  # samples were dropped
+        finals[compile] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if compile:  # both networks ran compiled (one graph may serve both: same code)
+            assert model.backbone._compiled_call_impl is not None
+            assert model.backbone2._compiled_call_impl is not None
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    for key, eager in finals[False].items():
+        torch.testing.assert_close(finals[True][key], eager, rtol=1e-4, atol=1e-4, msg=key)
