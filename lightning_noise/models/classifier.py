@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from lightning_noise._compat import assert_on_device
 from lightning_noise.mixins.noisefit import NoiseFiTMixin
 from lightning_noise.mixins.per_sample import PerSampleLossMixin
+from lightning_noise.models.sharding import shard_networks
 from lightning_noise.types import SampleBatch
 
 __all__ = ["ImageClassifier", "create_backbone", "load_backbone_weights"]
@@ -298,6 +299,14 @@ class ImageClassifier(PerSampleLossMixin, NoiseFiTMixin, pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2), ``fully_shard`` the backbone:
+        each of its blocks, then the backbone itself, on the data-parallel mesh
+        (:func:`~lightning_noise.models.sharding.shard_networks`, which says how the blocks are
+        found). Under any other strategy nothing happens. Tensor parallelism
+        (``tensor_parallel_size > 1``) is refused."""
+        shard_networks(self, [self.backbone])
 
     def per_sample_loss(
         self, logits: Tensor, target: Tensor, index: Tensor | None = None

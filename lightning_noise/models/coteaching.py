@@ -15,6 +15,7 @@ from lightning_noise.models.classifier import (
     OptimizerCallable,
     create_backbone,
 )
+from lightning_noise.models.sharding import shard_networks
 
 __all__ = ["CoTeachingClassifier"]
 
@@ -109,6 +110,12 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
 
     def coteaching_networks(self) -> tuple[nn.Module, nn.Module]:
         return self.backbone, self.backbone2
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2), ``fully_shard`` both networks, blocks
+        first, each network its own root (:func:`~lightning_noise.models.sharding.
+        shard_networks`); nothing under any other strategy."""
+        shard_networks(self, self.coteaching_networks())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.predict_with == "first":
