@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_noise._validate import check_int
+from lightning_noise.functional.noise_rate import estimate_noise_rate
 from lightning_noise.types import SampleBatch, as_long_tensor
 
 __all__ = ["DynamicsStore"]
@@ -256,6 +257,33 @@ class DynamicsStore:
     def last_loss(self) -> Tensor:
         """``[N]`` float32 loss at the last update of each sample, NaN if never seen."""
         return self._last_loss.clone()
+
+    def losses_of_epoch(self, epoch: int) -> Tensor:
+        """``[N]`` float32 losses recorded in ``epoch``, NaN for samples not last seen then.
+
+        The store keeps each sample's *last* loss only, so this is complete for the latest
+        recorded epoch (every sample seen in it); for an earlier epoch it holds only the
+        samples not seen since.
+        """
+        check_int("epoch", epoch, minimum=0)
+        return torch.where(
+            self._last_epoch == epoch, self._last_loss, torch.full_like(self._last_loss, math.nan)
+        )
+
+    def estimate_noise_rate(self, epoch: int | None = None, *, rule: str = "posterior") -> float:
+        """The noise rate estimated from the losses of ``epoch`` (default: the latest).
+
+        A two-component Gaussian mixture on the per-sample losses (DivideMix, Li et al., ICLR
+        2020; :func:`~lightning_noise.functional.noise_rate.estimate_noise_rate`): the fraction
+        of samples more likely in the high-loss component. Meaningful early in training,
+        before the noisy labels are memorised.
+
+        Raises:
+            ValueError: when fewer than two samples were recorded in ``epoch``.
+        """
+        if epoch is None:
+            epoch = max(self._num_epochs - 1, 0)
+        return estimate_noise_rate(self.losses_of_epoch(epoch), rule=rule)
 
     @property
     def last_epoch(self) -> Tensor:
