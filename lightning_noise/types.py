@@ -25,6 +25,7 @@ __all__ = [
     "PER_SAMPLE_STEP",
     "SELECTS_OWN_SAMPLES",
     "STEP_OUTPUT_KEYS",
+    "DictSampleModule",
     "LossTransform",
     "Pausable",
     "PerSampleModule",
@@ -196,6 +197,20 @@ class PerSampleModule(Protocol):
     def reduce_loss(self, losses: Tensor, batch: SampleBatch) -> Tensor: ...
 
     def step_outputs(self, loss: Tensor, batch: SampleBatch) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class DictSampleModule(Protocol):
+    """A LightningModule whose training samples are dicts with an ``"index"`` rather than
+    ``(input, target, index)`` (a prompt/response pair of a causal LM).
+
+    ``sample_logits`` gives, for a batch of such samples, the ``[B]`` label and ``[B, C]``
+    logits that stand for each sample, the ones its ``training_step`` puts in the
+    :class:`SampleBatch` (a pair's first answer token); callbacks that predict over the
+    training set (``LabelAudit``) call it instead of ``pl_module(input)``.
+    """
+
+    def sample_logits(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]: ...
 
 
 def find_callbacks(trainer: Any, kind: type[T]) -> list[T]:

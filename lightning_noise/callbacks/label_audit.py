@@ -46,7 +46,7 @@ from lightning_noise.dynamics.reports import (
     known_noise_info,
 )
 from lightning_noise.metrics import noise_detection_scores
-from lightning_noise.types import find_callback
+from lightning_noise.types import DictSampleModule, find_callback
 
 __all__ = [
     "SCORES",
@@ -238,7 +238,11 @@ class LabelAudit(Callback):
     ends with the same attributes. The pass sees the
     training set's own transform: with random augmentation the prediction is that of one
     augmented view. The module's ``forward`` must return logits; override
-    :meth:`predict_logits` otherwise. It costs one forward-only pass over the training set.
+    :meth:`predict_logits` otherwise. Samples that are dicts with an ``"index"`` (a causal
+    LM's prompt/response pairs) are predicted by the module's ``sample_logits(batch)``
+    (:class:`~lightning_noise.types.DictSampleModule`): for ``CausalLMModule`` the given and
+    predicted labels are token ids of each pair's first answer token. It costs one
+    forward-only pass over the training set.
 
     **Detection.** When the training dataset (or the datamodule) has a ``noise_mask``, the
     callback measures how well the top ``flag_fraction`` of the ranking finds the noisy
@@ -355,6 +359,9 @@ class LabelAudit(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_indexed_training_set(trainer, "LabelAudit")
+        dataset = full_training_set(trainer)
+        if hasattr(dataset, "__len__") and len(dataset) and isinstance(dataset[0], Mapping):
+            self._check_dict_samples(pl_module)
         if self.threshold == "auto" and self._threshold_mask(trainer) is None:
             raise ValueError(
                 "LabelAudit(threshold='auto') needs AUM's threshold samples in the training "
@@ -469,6 +476,17 @@ class LabelAudit(Callback):
         """
         return pl_module(inputs)
 
+    @staticmethod
+    def _check_dict_samples(pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, DictSampleModule):
+            raise ValueError(
+                f"LabelAudit: the training samples are dicts, and {type(pl_module).__name__} "
+                "has no `sample_logits(batch) -> (target [B], logits [B, C])` to say which "
+                "label and logits stand for each sample (lightning_noise.types."
+                "DictSampleModule; CausalLMModule has it); give it one, or yield "
+                "(input, target, index) samples"
+            )
+
     def _predict(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, n: int
     ) -> tuple[Tensor, Tensor]:
@@ -484,6 +502,8 @@ class LabelAudit(Callback):
         # Checked on every rank, so that no rank waits in the broadcast for a failed rank zero.
         if len(dataset) and not is_indexed_sample(dataset[0]):
             raise ValueError(NEEDS_INDEX.format(who="LabelAudit"))
+        if len(dataset) and isinstance(dataset[0], Mapping):
+            self._check_dict_samples(pl_module)
         rows = None
         # Under FSDP2 a forward is collective (it all-gathers the shards), so with several
         # ranks every rank runs the pass; rank zero's rows are the ones kept.
@@ -524,8 +544,14 @@ class LabelAudit(Callback):
                 for batch in plain:
                     if not is_indexed_sample(batch):
                         raise ValueError(NEEDS_INDEX.format(who="LabelAudit"))
-                    inputs, target, index = trainer.strategy.batch_to_device(batch)
-                    prediction = self.predict_logits(pl_module, inputs).argmax(dim=1)
+                    batch = trainer.strategy.batch_to_device(batch)
+                    if isinstance(batch, Mapping):  # a DictSampleModule's samples
+                        index = batch["index"]
+                        target, logits = pl_module.sample_logits(batch)  # type: ignore[operator]
+                    else:
+                        inputs, target, index = batch
+                        logits = self.predict_logits(pl_module, inputs)
+                    prediction = logits.argmax(dim=1)
                     row = torch.stack([index.long(), target.long(), prediction.long()], dim=1)
                     rows.append(row.cpu())
         finally:

@@ -19,13 +19,14 @@ methods key their statistics on it).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_noise._validate import check_int
@@ -191,6 +192,36 @@ class PromptResponseDataModule(pl.LightningDataModule):
         if pad is None:
             pad = self.tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0  # padded positions are masked anyway
+        self._train_indices: Tensor | None = None
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """The training pairs: items ``{"input_ids", "labels", "index"}``, index = line order."""
+        return self._splits["train"]
+
+    def set_train_indices(self, indices: Tensor | Sequence[int] | None) -> None:
+        """Serve only these training pairs from now on (``None``: all of them).
+
+        Late Stopping calls it between its rounds: the next :meth:`train_dataloader` iterates
+        those pairs only (on every rank), and their ``index`` stays their position in the
+        full file.
+
+        Raises:
+            ValueError: for an index outside the training pairs, or one that repeats.
+        """
+        if indices is None:
+            self._train_indices = None
+            return
+        index = torch.as_tensor(indices).reshape(-1)
+        if index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise ValueError(f"indices must be integers, got dtype {index.dtype}")
+        index = index.long().cpu()
+        n = len(self.train_dataset)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError(f"indices must be positions in the training pairs [0, {n})")
+        if torch.unique(index).numel() != index.numel():
+            raise ValueError("indices must not repeat")
+        self._train_indices = index.clone()
 
     @property
     def num_classes(self) -> int:
@@ -226,7 +257,9 @@ class PromptResponseDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         if split not in self._splits:
             return []
-        dataset = self._splits[split]
+        dataset: Dataset = self._splits[split]
+        if split == "train" and self._train_indices is not None:
+            dataset = Subset(dataset, self._train_indices.tolist())
         if not shuffle:
             return DataLoader(
                 dataset,

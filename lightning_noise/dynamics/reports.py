@@ -7,6 +7,7 @@ Clean labels and noise masks are read here for reports and metrics only, never b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -49,7 +50,12 @@ def full_training_set(trainer: pl.Trainer) -> Any:
 
 
 def is_indexed_sample(sample: Any) -> bool:
-    """Whether a dataset item is ``(input, target, index)``."""
+    """Whether a dataset item is ``(input, target, index)``, or a dict with an ``"index"``
+    (a prompt/response pair of :class:`~lightning_noise.data.PromptResponseDataModule`: its
+    module says what its label and logits are, :class:`~lightning_noise.types.DictSampleModule`).
+    """
+    if isinstance(sample, Mapping):
+        return "index" in sample
     return isinstance(sample, list | tuple) and len(sample) == 3
 
 
@@ -65,7 +71,11 @@ def check_indexed_training_set(trainer: pl.Trainer, who: str) -> None:
     except TypeError:
         return
     if size and not is_indexed_sample(dataset[0]):
-        got = f"{len(dataset[0])} items" if isinstance(dataset[0], list | tuple) else "one item"
+        first = dataset[0]
+        if isinstance(first, Mapping):
+            got = f"the keys {sorted(first)}, no 'index'"
+        else:
+            got = f"{len(first)} items" if isinstance(first, list | tuple) else "one item"
         raise ValueError(NEEDS_INDEX.format(who=who) + f" (a sample has {got})")
 
 

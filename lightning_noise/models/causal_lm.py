@@ -19,9 +19,14 @@ How each method sees a language model (the level it acts at):
   :class:`~lightning_noise.mixins.PerSampleLossMixin`, so small-loss selection, Adaptive-k
   and other sample policies keep or weight whole pairs. The ``SampleBatch`` they see (and
   ``training_step`` returns) holds, for each pair, that loss and the logits and label of its
-  *first answer token* (``correct`` and ``margin`` are of that token). ``TrainingDynamics``,
-  ``LabelAudit`` and ``LateStopping`` read the training set's ``(input, target, index)``
-  samples and refuse these dict samples at setup.
+  *first answer token* (``correct`` and ``margin`` are of that token).
+* **Training dynamics, Late Stopping, LabelAudit: sequence level**, on that same view:
+  ``TrainingDynamics`` records per pair the mean answer-token loss and whether the first
+  answer token is predicted (its margin, for AUM); ``LateStopping``'s first-time k-epoch
+  learning is that token's, and it shrinks the set of pairs through
+  :meth:`PromptResponseDataModule.set_train_indices`; ``LabelAudit``'s predicted and given
+  labels are that token's ids (:meth:`sample_logits`, the
+  :class:`~lightning_noise.types.DictSampleModule` protocol).
 * **NoiseFiT: token level, on the transformer blocks.** The blocks are found by structure
   (the ``layers`` / ``h`` / ``blocks`` container, also inside a peft wrapper); the hybrid
   loss's KL terms are averaged over the answer tokens.
@@ -30,6 +35,13 @@ How each method sees a language model (the level it acts at):
   :func:`~lightning_noise.kernels.linear_cross_entropy` (label smoothing and MaxSup included),
   so the ``[B, T, V]`` logits never exist in training. NoiseFiT needs those logits and is
   refused with it.
+
+Engines: under Lightning's ``ModelParallelStrategy`` (FSDP2, data parallel)
+:meth:`configure_model` shards each transformer block and then the whole model with
+``fully_shard``; ``compile=True`` (or a dict of ``torch.compile`` arguments) compiles the model
+in place after that. DDP needs nothing. Tested on two CPU processes: FSDP2 ends with the
+weights of DDP (NoiseFiT + small-loss selection, the fused head + SAM, LoRA), and the compiled
+model with those of eager.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from torch import Tensor, nn
 
 from lightning_noise import kernels
 from lightning_noise._compat import attached_trainer
+from lightning_noise.callbacks.noisefit import find_blocks
 from lightning_noise.functional.lm_head import FusedLMHead, find_lm_head
 from lightning_noise.losses import LabelSmoothingCrossEntropy, MaxSupLoss
 from lightning_noise.mixins.noisefit import NoiseFiTMixin
@@ -101,6 +114,12 @@ def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | N
     return transformers.AutoModelForCausalLM.from_config(built, dtype=torch.float32)
 
 
+def _first_answer(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Row numbers and the position of each row's first answer token (``valid``: ``[B, T]``)."""
+    rows = torch.arange(valid.shape[0], device=valid.device)
+    return rows, valid.int().argmax(dim=1)
+
+
 class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
     """Answer-only fine-tuning of a Hugging Face causal LM (see the module docstring).
 
@@ -120,6 +139,11 @@ class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
         optimizer: A callable from parameters to an optimizer; default AdamW(lr=1e-4). Only
             the trainable parameters are given (the adapters under LoRA).
         in_chans: Must stay ``None`` (the CLI links image DataModules' channels).
+        compile: Compile the Hugging Face model with ``torch.compile`` in
+            :meth:`configure_model` (in place, ``nn.Module.compile``: the state dict's keys do
+            not change), after sharding and after the callbacks' setup (so KernelSwap's fused
+            head is inside the compiled model). ``True``: the default backend (inductor); a
+            dict: ``torch.compile``'s keyword arguments, e.g. ``{"backend": "aot_eager"}``.
 
     Example:
         >>> cfg = dict(model_type="llama", vocab_size=50, hidden_size=16, intermediate_size=32,
@@ -141,6 +165,7 @@ class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
         lora_target_modules: list[str] | None = None,
         optimizer: OptimizerCallable | None = None,
         in_chans: int | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if in_chans is not None:
@@ -173,6 +198,14 @@ class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
         self.model = model.train()
         self.optimizer_factory = optimizer
         self._fusion: FusedLMHead | None = None
+        if not isinstance(compile, bool | Mapping):
+            raise ValueError(
+                f"compile must be True, False or a dict of torch.compile keyword arguments, got "
+                f"{compile!r}"
+            )
+        self.compile_options: dict[str, Any] | None = (
+            dict(compile) if isinstance(compile, Mapping) else ({} if compile else None)
+        )
 
     @staticmethod
     def _with_lora(
@@ -192,6 +225,51 @@ class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
             target_modules=targets,
         )
         return peft.get_peft_model(model, lora)
+
+    # ------------------------------------------------------------------ engines
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under ``ModelParallelStrategy``, then compile it if asked.
+
+        Under Lightning's ``ModelParallelStrategy`` (data parallel only) each transformer block
+        (found by structure, as NoiseFiT finds them: the ``layers`` / ``h`` / ``blocks``
+        container, also inside a peft wrapper) becomes one ``fully_shard`` unit and the whole
+        model the root unit (the embeddings, the final norm and the head). Under any other
+        strategy the model is left as it is. Lightning calls this after the callbacks' setup;
+        calling it again does nothing.
+
+        Raises:
+            ValueError: for ``tensor_parallel_size > 1`` (not supported: give every process
+                to data parallelism), or a model without a block container.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        trainer = attached_trainer(self)
+        strategy = getattr(trainer, "strategy", None)
+        if isinstance(strategy, ModelParallelStrategy):
+            self._shard(self.device_mesh)
+        if (
+            self.compile_options is not None
+            and getattr(self.model, "_compiled_call_impl", None) is None
+        ):
+            self.model.compile(**self.compile_options)
+
+    def _shard(self, mesh: Any) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return  # already sharded (configure_model runs again for a later stage)
+        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"CausalLMModule shards with FSDP2 over data parallelism only, but the strategy "
+                f"has tensor_parallel_size={mesh['tensor_parallel'].size()}; use "
+                "ModelParallelStrategy(data_parallel_size=<number of processes>, "
+                "tensor_parallel_size=1)"
+            )
+        data_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for _, block in find_blocks(self.model):
+            fully_shard(block, mesh=data_mesh)
+        fully_shard(self.model, mesh=data_mesh)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Tensor | Mapping[str, Tensor]) -> Tensor:
@@ -261,8 +339,7 @@ class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
         counts = valid.sum(dim=1)
         pair_losses = token_losses.sum(dim=1) / counts.clamp_min(1)
         # The observers' view of a pair: its first answer token (see the module docstring).
-        rows = torch.arange(target.shape[0], device=target.device)
-        first = valid.int().argmax(dim=1)
+        rows, first = _first_answer(valid)
         if logits is not None:
             first_logits = logits[rows, first]
         else:
@@ -281,6 +358,15 @@ class CausalLMModule(NoiseFiTMixin, PerSampleLossMixin, pl.LightningModule):
         n = target.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         return self.step_outputs(loss, sample)
+
+    def sample_logits(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``([B] label, [B, V] logits)`` of each pair's first answer token: what stands for a
+        pair in the ``SampleBatch`` (``LabelAudit`` predicts the training set with it,
+        :class:`~lightning_noise.types.DictSampleModule`)."""
+        target = batch["labels"][:, 1:]
+        rows, first = _first_answer(target != -100)
+        logits = self(batch)[:, :-1]
+        return target[rows, first].clamp_min(0), logits[rows, first]
 
     def _eval_step(self, batch: Mapping[str, Tensor], stage: str) -> None:
         target = batch["labels"][:, 1:]

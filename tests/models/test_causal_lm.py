@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -224,3 +225,83 @@ def test_sam_with_the_fused_head_and_gradient_noise_train(files, tmp_path) -> No
         trainer.fit(lm, datamodule=_data(files))
         assert torch.isfinite(trainer.callback_metrics["train/loss"])
         assert any(not torch.equal(p, q) for p, q in zip(lm.parameters(), before, strict=True))
+
+
+def _yes_no_pairs(path, noisy=(3, 6, 9, 12)):
+    """16 questions answered "yes", except the ``noisy`` ones, answered "no" (wrong labels)."""
+    import json
+
+    numbers = ["one", "two", "three", "four"]
+    with path.open("w") as f:
+        for i in range(16):
+            prompt = f"what is {numbers[i % 4]} plus {numbers[i // 4]}"
+            f.write(json.dumps({"prompt": prompt, "response": "no" if i in noisy else "yes"}))
+            f.write("\n")
+    return path
+
+
+@pytest.mark.slow  # about 20 epochs of the tiny model: over a minute on a loaded CPU
+def test_dynamics_late_stopping_and_label_audit_work_per_pair(files, tmp_path) -> None:
+    """Each prompt/response pair is one sample: Late Stopping drops the 4 pairs whose answer
+    is wrong (never learned first), re-trains on the 12 others, and LabelAudit ranks those 4
+    first, reporting the first answer token's ids."""
+    from lightning_noise.callbacks import LabelAudit, LateStopping
+    from lightning_noise.dynamics import TrainingDynamics
+
+    noisy = [3, 6, 9, 12]
+    data = PromptResponseDataModule(
+        str(_yes_no_pairs(tmp_path / "yes_no.jsonl", noisy)), str(files / "model"), batch_size=4
+    )
+    pl.seed_everything(0, verbose=False)
+    lm = CausalLMModule(str(files / "model"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    seen: list[tuple[int, list[int]]] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append((trainer.current_epoch, batch["index"].tolist()))
+
+    dynamics = TrainingDynamics(k=1)
+    late = LateStopping(
+        rate=0.75, rounds_per_k=(1,), warmup_epochs=0, final_epochs=3, max_round_epochs=8
+    )
+    audit = LabelAudit(score="aum", output_dir=str(tmp_path / "audit"))
+    trainer = pl.Trainer(
+        max_epochs=-1,
+        callbacks=[dynamics, late, audit, Spy()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(lm, datamodule=data)
+    # Late Stopping: one round reached its 12 first-learned pairs, the wrong-answer pairs out.
+    assert late.rounds[0]["reached_target"] == 1.0
+    assert late.kept.tolist() == [i for i in range(16) if i not in noisy]
+    final_start = int(late.rounds[0]["epochs"])
+    final = [i for epoch, batch in seen if epoch >= final_start for i in batch]
+    assert sorted(final) == sorted(late.kept.tolist() * 3)  # 3 final epochs, kept pairs only
+    assert dynamics.store.update_count.tolist() == [
+        final_start + (0 if i in noisy else 3) for i in range(16)
+    ]
+    # LabelAudit: the given labels are each pair's first answer token, the 4 "no"s rank first.
+    tokenizer = data.tokenizer
+    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    assert audit.given_labels.tolist() == [no if i in noisy else yes for i in range(16)]
+    assert sorted(audit.ranking[:4].tolist()) == noisy
+    assert (audit.predicted_labels[late.kept] == yes).all()
+    assert Path(audit.csv_path).read_text().count("\n") == 17  # header + one row per pair
+
+
+def test_dict_samples_are_indexed_and_label_audit_asks_for_sample_logits() -> None:
+    from lightning_noise.callbacks import LabelAudit
+    from lightning_noise.dynamics.reports import is_indexed_sample
+    from lightning_noise.types import DictSampleModule
+
+    assert is_indexed_sample({"input_ids": [1, 2], "labels": [-100, 2], "index": 0})
+    assert not is_indexed_sample({"input_ids": [1, 2], "labels": [-100, 2]})
+    assert issubclass(CausalLMModule, DictSampleModule)
+    with pytest.raises(ValueError, match=r"no `sample_logits\(batch\)"):
+        LabelAudit._check_dict_samples(pl.LightningModule())
