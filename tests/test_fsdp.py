@@ -13,8 +13,13 @@ shards. The module doubles as the two-process script (as the DDP tests, ``tests/
 * ``resume`` (slow): a checkpoint saved mid-epoch under FSDP2 and resumed gives the weights of
   the uninterrupted run (SAM + GradientNoise; FSAM with its mask restored); ASAM against DDP.
 * ``others`` (slow): the callbacks that act on losses and batches (TrainingDynamics,
-  SmallLossSelection, AdaptiveK, ELR, NoiseFiT, Late Stopping, LabelAudit, Co-teaching) train
-  under FSDP2 as under DDP.
+  SmallLossSelection, AdaptiveK, ELR, NoiseFiT, Late Stopping, LabelAudit) train under FSDP2
+  as under DDP; so do ``CoTeachingClassifier`` (two networks, each its own FSDP2 root) with
+  SAM and ``KernelSwap``, and ``KernelSwap`` on a user's module with an ``nn.Softmax``; the
+  swapped kernels are counted.
+* ``cli`` (slow): ``lightning-noise fit`` on the digits recipe + SAM with ``ImageClassifier``,
+  under DDP and under ``configs/trainer/fsdp2_cpu.yaml`` (one epoch, then resumed from its
+  ``last.ckpt`` for a second): the same weights, and the parameters were ``DTensor`` shards.
 """
 
 from __future__ import annotations
@@ -346,8 +351,164 @@ def others_main(out_dir: str) -> None:
                 "callbacks": {type(c).__name__: _plain_state(c) for c in callbacks},
                 "elr": None if criterion is None else criterion.targets.detach().cpu().clone(),
             }
+    sharded_model_runs(tmp, results)
     if torch.distributed.get_rank() == 0:
         torch.save(results, tmp / "others.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+class KernelCounter(pl.Callback):
+    """Counts the forward calls of the modules KernelSwap put in (set up after it)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from lightning_noise.kernels.modules import FusedCrossEntropyLoss, FusedSoftmax
+
+        def count(module, args, output) -> None:
+            name = type(module).__name__
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+        for module in pl_module.modules():
+            if isinstance(module, FusedCrossEntropyLoss | FusedSoftmax):
+                module.register_forward_hook(count)
+
+    def state_dict(self) -> dict:
+        return {"calls": dict(self.calls)}
+
+
+class KeptFraction(pl.Callback):
+    """Co-teaching's kept fraction per step (its selection acted when it drops below 1)."""
+
+    def __init__(self) -> None:
+        self.kept: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        value = trainer.callback_metrics.get("coteaching/kept_fraction_step")
+        if value is not None:
+            self.kept.append(round(float(value), 6))
+
+    def state_dict(self) -> dict:
+        return {"kept": list(self.kept)}
+
+
+def sharded_model_runs(tmp: Path, results: dict) -> None:
+    """Co-teaching (``CoTeachingClassifier`` on a timm ResNet, digits at 8 px) with SAM and
+    KernelSwap, and KernelSwap on a user's module with a softmax gate: DDP, then FSDP2."""
+    from test_composition import Blobs, UserNet
+
+    from lightning_noise.callbacks import KernelSwap
+    from lightning_noise.data import DigitsDataModule
+    from lightning_noise.models import CoTeachingClassifier
+    from lightning_noise.models.sharding import shard_networks
+
+    class GatedNet(UserNet):
+        """A user's module with an ``nn.Softmax`` (a gate on the features) for KernelSwap."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Softmax(dim=-1)
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = h * self.gate(h) * h.shape[-1]
+            for block in self.blocks:
+                h = block(h)
+            return self.head(h)
+
+        def configure_model(self) -> None:  # one network: the module itself
+            shard_networks(self, [self])
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+    for kind in ("ddp", "fsdp"):
+        for key in ("coteaching", "softmax"):
+            pl.seed_everything(0, verbose=False)
+            swap, counter, kept = KernelSwap(), KernelCounter(), KeptFraction()
+            callbacks = [swap, counter]
+            if key == "coteaching":
+                callbacks = [SAM(rho=0.05), *callbacks, kept]
+                # SGD: AdamW (the default) moves each weight by about lr * sign(g) in its
+                # first steps, so rounding that flips the sign of a near-zero gradient (a
+                # BatchNorm bias) moves it by 2 * lr: up to 1.9e-3 from DDP in 6 steps, measured.
+                model = CoTeachingClassifier("test_resnet", num_classes=10, in_chans=1,
+                                             forget_rate=0.4, num_gradual=1,
+                                             optimizer=sgd)  # fmt: skip
+                data = DigitsDataModule(image_size=8, channels=1, batch_size=32,
+                                        noise={"kind": "symmetric", "rate": 0.4})  # fmt: skip
+            else:
+                model, data = GatedNet(), Blobs()
+            trainer = pl.Trainer(
+                accelerator="cpu", devices=2, strategy=make_strategy(kind), max_epochs=2,
+                limit_train_batches=3, callbacks=callbacks, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp, limit_val_batches=0,
+                num_sanity_val_steps=0,
+            )  # fmt: skip
+            trainer.fit(model, datamodule=data)
+            results[f"{kind}_{key}"] = {
+                "params": full_state(model),
+                "dtensor": all(hasattr(p, "full_tensor") for p in model.parameters()),
+                "replaced": dict(swap.replaced),
+                "calls": dict(counter.calls),
+                "kept": list(kept.kept),
+                "steps": trainer.global_step,
+            }
+
+
+# ------------------------------------------------------------- from the command line
+class ShardProbe(pl.Callback):
+    """Writes, per rank, how many of the module's parameters are DTensor shards (CLI runs)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        params = list(pl_module.parameters())
+        sharded = sum(hasattr(p, "full_tensor") for p in params)
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        total = sum(p.numel() for p in params)
+        record = {"params": len(params), "sharded": sharded, "local": local, "total": total}
+        torch.save(record, Path(self.out, f"probe_{trainer.global_rank}.pt"))
+
+
+def cli_main(out_dir: str) -> None:
+    """The digits recipe with the SAM preset (rho 0.05) from ``lightning-noise fit``: 2 epochs
+    of 2 steps under DDP; one epoch under FSDP2 (configs/trainer/fsdp2_cpu.yaml), then resumed
+    from its last.ckpt. (At the digits SAM recipe's rho 0.5 the ascent amplifies the rounding
+    differences of DDP's all-reduce and FSDP2's reduce-scatter to 5e-5 in the stem within 4
+    steps, measured; at 0.05 they stay under 1e-6.)"""
+    import json
+
+    from lightning_noise.cli import main
+
+    warnings.filterwarnings("ignore")
+    tmp = Path(out_dir)
+    root = Path(__file__).resolve().parents[1]
+    recipe, sam = root / "recipes" / "digits_baseline.yaml", root / "configs/callbacks/sam.yaml"
+
+    def fit_args(name: str, epochs: int, *extra: str) -> list[str]:
+        return [
+            "fit", "--config", str(recipe), f"--trainer.callbacks+={sam}", *extra,
+            f"--trainer.default_root_dir={tmp / name}",
+            f"--trainer.logger.init_args.save_dir={tmp / name}",
+            f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--model.init_args.backbone=test_resnet",
+            "--data.init_args.image_size=16",
+        ]  # fmt: skip
+
+    main(fit_args("ddp", 2, "--trainer.accelerator=cpu", "--trainer.devices=2",
+                  "--trainer.strategy=ddp"))  # fmt: skip
+    fsdp = ("--config", "configs/trainer/fsdp2_cpu.yaml")
+    probe = json.dumps({"class_path": "test_fsdp.ShardProbe", "init_args": {"out": str(tmp)}})
+    main(fit_args("fsdp", 1, *fsdp, f"--trainer.callbacks+={probe}"))
+    torch.distributed.barrier()
+    (first,) = (tmp / "fsdp").rglob("last.ckpt")
+    main(fit_args("fsdp_resumed", 2, *fsdp, f"--ckpt_path={first}"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -407,6 +568,54 @@ def test_loss_and_batch_side_callbacks_under_fsdp2_equal_ddp(tmp_path) -> None:
             torch.testing.assert_close(fsdp["elr"], ddp["elr"], rtol=1e-4, atol=1e-5)
         # Late Stopping's rounds and kept set, NoiseFiT's layers, Adaptive-k's averages, ...
         _assert_same(ddp["callbacks"], fsdp["callbacks"], key)
+    # Co-teaching's two networks (each its own FSDP2 root) and KernelSwap's kernels.
+    for key in ("coteaching", "softmax"):
+        ddp, fsdp = r[f"ddp_{key}"], r[f"fsdp_{key}"]
+        assert fsdp["dtensor"] and not ddp["dtensor"], key  # sharded by configure_model
+        assert ddp["steps"] == fsdp["steps"] == 6, key
+        _assert_state_close(fsdp["params"], ddp["params"], rtol=1e-4, atol=1e-5)
+        assert fsdp["replaced"] == ddp["replaced"], key
+        assert fsdp["calls"] == ddp["calls"], key
+    co, gated = r["fsdp_coteaching"], r["fsdp_softmax"]
+    assert co["replaced"] == {"criterion": "CrossEntropyLoss -> FusedCrossEntropyLoss"}
+    # Every per-sample loss went through the fused kernel: two networks, SAM's two passes.
+    assert co["calls"] == {"FusedCrossEntropyLoss": 6 * 2 * 2}
+    # Epoch 1 keeps all; epoch 2 forgets 40% of each rank's 32 samples, the same under both.
+    assert co["kept"] == r["ddp_coteaching"]["kept"]
+    assert co["kept"][:3] == [1.0] * 3 and co["kept"][3:] == [19 / 32] * 3
+    assert gated["replaced"] == {
+        "gate": "Softmax -> FusedSoftmax",
+        "criterion": "CrossEntropyLoss -> FusedCrossEntropyLoss",
+    }
+    assert gated["calls"] == {"FusedSoftmax": 6, "FusedCrossEntropyLoss": 6}
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_cli_fit_under_fsdp2_shards_equals_ddp_and_resumes(tmp_path) -> None:
+    """``lightning-noise fit`` with configs/trainer/fsdp2_cpu.yaml: ImageClassifier shards
+    its backbone; one epoch, then resumed from last.ckpt, gives the DDP run's weights."""
+    from _ddp import run_ddp_script
+
+    run_ddp_script(__file__, tmp_path, "cli", timeout=900)
+    probes = [torch.load(tmp_path / f"probe_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for probe in probes:  # every parameter a DTensor shard, about half of it on each rank
+        assert probe["sharded"] == probe["params"] > 0
+        assert probe["local"] < 0.6 * probe["total"]
+    assert probes[0]["local"] + probes[1]["local"] == probes[0]["total"]
+
+    def last(name: str) -> dict:
+        (path,) = (tmp_path / name).rglob("last.ckpt")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    ddp, first, resumed = last("ddp"), last("fsdp"), last("fsdp_resumed")
+    assert (first["global_step"], resumed["global_step"], ddp["global_step"]) == (2, 4, 4)
+    assert resumed["state_dict"].keys() == ddp["state_dict"].keys()
+    for name, value in ddp["state_dict"].items():  # weights and BatchNorm statistics
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-4, atol=1e-5,
+                                   msg=name)  # fmt: skip
+    weight = "backbone.fc.weight"  # the second epoch trained
+    assert not torch.allclose(first["state_dict"][weight], resumed["state_dict"][weight])
 
 
 @pytest.mark.slow
@@ -487,6 +696,6 @@ def test_tensor_parallel_and_local_perturbation_are_refused_under_fsdp2() -> Non
 
 
 if __name__ == "__main__":
-    {"compare": compare_main, "resume": resume_main, "others": others_main}[sys.argv[2]](
-        sys.argv[1]
-    )
+    parts = {"compare": compare_main, "resume": resume_main, "others": others_main}
+    parts["cli"] = cli_main
+    parts[sys.argv[2]](sys.argv[1])

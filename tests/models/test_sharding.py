@@ -6,12 +6,14 @@ KernelSwap, each equal to DDP) are in tests/test_fsdp.py (slow).
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from lightning_noise.cli import LightningNoiseCLI, build_cli
 from lightning_noise.models import CoTeachingClassifier, ImageClassifier, create_backbone
 from lightning_noise.models.sharding import block_units
 
@@ -62,3 +64,22 @@ def test_blocks_found_by_structure_and_refusals_before_any_sharding() -> None:
     with pytest.raises(RuntimeError, match=r"\['temperature'\] lie outside them"):
         model.configure_model()
     assert type(model.backbone).__name__ == "ResNet"  # refused before anything was sharded
+
+
+def test_fsdp2_trainer_config_composes_after_a_recipe(tmp_path) -> None:
+    class ParseOnly(LightningNoiseCLI):
+        def instantiate_classes(self) -> None:  # parsing is what is checked here
+            pass
+
+    root = Path(__file__).resolve().parents[2]
+    cli = build_cli(
+        ["--config", str(root / "recipes" / "digits_sam.yaml"),
+         "--config", str(root / "configs" / "trainer" / "fsdp2_cpu.yaml"),
+         f"--trainer.default_root_dir={tmp_path}"],
+        run=False, cli_class=ParseOnly,
+    )  # fmt: skip
+    trainer = cli.config["trainer"]
+    assert (trainer["accelerator"], trainer["devices"]) == ("cpu", 2)
+    assert trainer["strategy"]["class_path"].endswith("ModelParallelStrategy")
+    assert trainer["strategy"]["init_args"]["data_parallel_size"] == 2
+    assert trainer["max_epochs"] == 30  # the recipe's kept
