@@ -21,6 +21,14 @@ Rows:
   removed samples. Its "best" is over the final run only (the earlier rounds' models are
   intermediate), and it trains for as many epochs as its schedule takes (``epochs`` column).
 
+Without the noise rate (``--forget-rate estimate``): Small-loss, Co-teaching and Co-teaching+
+take ``forget_rate="estimate"`` (a two-component Gaussian mixture on the per-sample losses of
+the early epochs, DivideMix's, refitted each epoch until the ramp ends; ``TrainingDynamics``
+records the losses) and CE's label audit flags the estimated fraction
+(``flag_fraction="estimate"``) instead of the realised noise rate; the rows are recorded as
+``<method> (estimated rate)`` and print the estimate beside the true rate. Late Stopping's
+rate still comes from the noise rate (its card says why).
+
 Every other method trains ``--epochs`` epochs. "best" is the highest test accuracy over the
 epochs (as Co-teaching reports it): optimistic, since it picks the epoch on the test set.
 
@@ -137,32 +145,52 @@ def _loss_row(make: Callable[[], nn.Module]) -> Builder:
     return lambda a, s: (_classifier(a, make()), [], a.epochs)
 
 
+def _estimated(args: argparse.Namespace) -> bool:
+    return args.forget_rate == "estimate"
+
+
 def _coteaching(args: argparse.Namespace, plus: bool) -> CoTeachingClassifier:
     return CoTeachingClassifier(
         args.backbone,
         num_classes=10,
         in_chans=args.channels,
         optimizer=_optimizer(args),
-        forget_rate=None,  # the realised noise rate, Co-teaching's choice
+        # None: the realised noise rate, Co-teaching's choice (an oracle); or the estimate.
+        forget_rate="estimate" if _estimated(args) else None,
         num_gradual=10,
         plus_start_epoch=5 if plus else None,
     )
 
 
+def _dynamics(args: argparse.Namespace) -> list:
+    """``TrainingDynamics`` for the rows that estimate the noise rate from the losses."""
+    return [TrainingDynamics()] if _estimated(args) else []
+
+
 METHODS: dict[str, Builder] = {
     "CE": lambda a, s: (
         _classifier(a),
-        [TrainingDynamics(), LabelAudit("aum", output_dir=str(a.root / "audit"))],
+        [
+            TrainingDynamics(),
+            LabelAudit(
+                "aum",
+                output_dir=str(a.root / "audit"),
+                flag_fraction="estimate" if _estimated(a) else None,
+            ),
+        ],
         a.epochs,
     ),
     "SAM": lambda a, s: (_classifier(a), [SAM(rho=a.rho)], a.epochs),
     "Small-loss": lambda a, s: (
         _classifier(a),
-        [SmallLossSelection(forget_rate=s.rate, num_gradual=10)],
+        [
+            *_dynamics(a),
+            SmallLossSelection(forget_rate="estimate" if _estimated(a) else s.rate, num_gradual=10),
+        ],
         a.epochs,
     ),
-    "Co-teaching": lambda a, s: (_coteaching(a, plus=False), [], a.epochs),
-    "Co-teaching+": lambda a, s: (_coteaching(a, plus=True), [], a.epochs),
+    "Co-teaching": lambda a, s: (_coteaching(a, plus=False), _dynamics(a), a.epochs),
+    "Co-teaching+": lambda a, s: (_coteaching(a, plus=True), _dynamics(a), a.epochs),
     "Late Stopping": lambda a, s: (
         _classifier(a),
         [
@@ -202,6 +230,7 @@ def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace)
     model, callbacks, max_epochs = METHODS[method](args, setting)
     dm.setup("fit")
     tester = EpochTestAccuracy(dm.test_dataloader())
+    estimates = EstimateHistory(model, callbacks)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="auto",
@@ -212,7 +241,7 @@ def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace)
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[tester, *callbacks],
+        callbacks=[tester, estimates, *callbacks],
         default_root_dir=args.root,
     )
     trainer.fit(model, datamodule=dm)
@@ -228,7 +257,26 @@ def run(method: str, setting: NoiseSetting, seed: int, args: argparse.Namespace)
         detection = getattr(callback, "detection", None)
         if isinstance(detection, dict) and setting.rate > 0:  # no noise: F1 is undefined
             result["f1"] = detection["f1"]
+    # The noise-rate estimate each epoch started with (--forget-rate estimate), and the truth.
+    result["true_rate"] = float(getattr(dm.train_dataset, "noise_rate", setting.rate))
+    result["estimates"] = estimates.values
+    result["estimate"] = estimates.values[-1] if estimates.values else float("nan")
     return result
+
+
+class EstimateHistory(pl.Callback):
+    """The noise-rate estimate of the run's method at the end of every training epoch."""
+
+    def __init__(self, model: pl.LightningModule, callbacks: list) -> None:
+        holders = [getattr(model, "noise_rate_estimate", None)]
+        holders += [getattr(c, "estimate", None) for c in callbacks]
+        self.holder = next((h for h in holders if h is not None), None)
+        self.values: list[float] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.holder is not None:
+            value = self.holder.value
+            self.values.append(float("nan") if value is None else value)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -251,6 +299,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="resnet10t")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (all rows)")
     parser.add_argument("--rho", type=float, default=0.5, help="SAM radius")
+    parser.add_argument(
+        "--forget-rate",
+        choices=["oracle", "estimate"],
+        default="oracle",
+        help="oracle: the true noise rate sets the forget rates and the audit's budget; "
+        "estimate: estimated from each run's own losses (no oracle)",
+    )
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks/robustness"))
     parser.add_argument("--no-record", action="store_true", help="do not append to results.csv")
     return parser.parse_args(argv)
@@ -268,10 +323,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict]]]:
                 t0 = time.perf_counter()
                 result = run(method, setting, seed, args)
                 results[name][method].append(result)
+                estimate = ""
+                if result["estimates"]:
+                    trail = " ".join(f"{v:.2f}" for v in result["estimates"])
+                    estimate = (
+                        f" estimate {result['estimate']:.3f} (true {result['true_rate']:.3f}; "
+                        f"by epoch: {trail})"
+                    )
                 print(
                     f"{name} seed {seed} {method}: last {result['last']:.3f} best "
                     f"{result['best']:.3f} F1 {result['f1']:.3f} epochs {result['epochs']} "
-                    f"({time.perf_counter() - t0:.0f} s)",
+                    f"({time.perf_counter() - t0:.0f} s){estimate}",
                     flush=True,
                 )
 
@@ -279,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict]]]:
     print(
         f"digits {args.image_size}px, {args.backbone}, SGD lr {args.lr}, {args.epochs} epochs "
         f"(Late Stopping: its rounds + {args.final_epochs}), seeds {args.seeds}; test accuracy "
-        "mean +- std over seeds"
+        f"mean +- std over seeds; forget rates and audit budget: {args.forget_rate}"
     )
     header = f"{'noise':<9}{'method':<15}{'last':>15}{'best':>15}{'detect F1':>11}{'epochs':>8}"
     print(header)
@@ -295,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict]]]:
                 f"{name:<9}{method:<15}{last[0]:>8.3f} +-{last[1]:.3f}"
                 f"{best[0]:>8.3f} +-{best[1]:.3f}{f1_text:>11}{epochs:>8.0f}"
             )
-            case = f"{name}/{method}"
+            case = f"{name}/{method}" + (" (estimated rate)" if _estimated(args) else "")
             rows += [
                 (case, "last_acc_mean", last[0]),
                 (case, "last_acc_std", last[1]),
@@ -304,6 +366,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict]]]:
             ]
             if f1[0] == f1[0]:
                 rows.append((case, "detection_f1_mean", f1[0]))
+            estimate = _mean_std([r["estimate"] for r in runs])
+            if estimate[0] == estimate[0]:
+                true = statistics.mean(r["true_rate"] for r in runs)
+                print(
+                    f"{'':<24}noise-rate estimate {estimate[0]:.3f} +-{estimate[1]:.3f} "
+                    f"(true {true:.3f})"
+                )
+                rows += [
+                    (case, "noise_rate_estimate_mean", estimate[0]),
+                    (case, "noise_rate_true_mean", true),
+                ]
     if not args.no_record:
         append_results("robustness", rows)
     return results

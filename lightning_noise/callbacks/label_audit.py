@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from lightning_noise._validate import check_choice, check_int, check_number
 from lightning_noise.dynamics import DynamicsStore, TrainingDynamics
+from lightning_noise.dynamics.noise_rate import ESTIMATE, NOISE_RATE_KEY, NoiseRateEstimate
 from lightning_noise.dynamics.reports import (
     NEEDS_INDEX,
     check_indexed_training_set,
@@ -69,6 +70,8 @@ _STATISTIC = {
 }
 
 _DEFAULT_FLAG_FRACTION = 0.1
+#: ``LabelAudit(flag_fraction="estimate")``: the last epoch whose losses are fitted, by default.
+_DEFAULT_ESTIMATE_UNTIL = 2
 
 
 def _check_score(score: Any) -> str:
@@ -264,7 +267,12 @@ class LabelAudit(Callback):
             (``trainer.default_root_dir`` without a logger).
         flag_fraction: Fraction of the ranked samples flagged as mislabeled, in ``(0, 1]``;
             ``None`` uses the realised noise fraction when the noise mask is known (an
-            oracle: the true noise rate), else 0.1.
+            oracle: the true noise rate), else 0.1. ``"estimate"`` estimates the noise rate
+            from the run itself (no oracle): a two-component Gaussian mixture on the
+            per-sample losses of an early epoch (DivideMix's mixture, Li et al. 2020;
+            :class:`~lightning_noise.dynamics.noise_rate.NoiseRateEstimate`), refitted at each
+            epoch's start on the previous epoch's losses up to those of epoch
+            ``estimate_until``, then frozen; logged as ``noise_rate/estimate``.
         threshold: ``None`` flags the ``flag_fraction`` above. ``"auto"`` (``score="aum"``
             only) decides without any noise rate, as Pleiss et al. 2020 do: the training set
             carries threshold samples (``threshold_samples=1`` on the DataModule, the model
@@ -274,6 +282,9 @@ class LabelAudit(Callback):
             verdict in this run (their score is NaN and they are not ranked); a second run
             with ``threshold_samples=2`` judges them, as the official code's second run does.
         threshold_percentile: The percentile for ``threshold="auto"`` (paper: 99).
+        estimate_until: With ``flag_fraction="estimate"``: the last epoch (0-based) whose
+            losses are fitted (default 2: before plain training memorises the noisy labels;
+            on digits the estimate is best from the first epochs' losses).
 
     Attributes set at the end of fit (on every rank): ``scores`` (``[N]`` suspicion, NaN if
     never seen), ``ranking`` (indices, most suspicious first), ``given_labels`` and
@@ -295,9 +306,10 @@ class LabelAudit(Callback):
         score: str = "aum",
         top_k: int | None = None,
         output_dir: str | None = None,
-        flag_fraction: float | None = None,
+        flag_fraction: float | str | None = None,
         threshold: str | None = None,
         threshold_percentile: float = 99.0,
+        estimate_until: int | None = None,
     ) -> None:
         self.score = _check_score(score)
         self.threshold = check_choice("threshold", threshold, (None, "auto"))
@@ -319,10 +331,24 @@ class LabelAudit(Callback):
         if output_dir is not None and not isinstance(output_dir, str | os.PathLike):
             raise ValueError(f"output_dir must be None or a path, got {output_dir!r}")
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
-        if flag_fraction is not None:
+        #: The noise-rate estimate behind ``flag_fraction="estimate"`` (``None`` otherwise).
+        self.estimate: NoiseRateEstimate | None = None
+        if flag_fraction == ESTIMATE:
+            until = check_int("estimate_until", estimate_until, minimum=0, optional=True)
+            self.estimate = NoiseRateEstimate(
+                until=_DEFAULT_ESTIMATE_UNTIL if until is None else until
+            )
+        elif estimate_until is not None:
+            raise ValueError(
+                f"estimate_until={estimate_until!r} is for flag_fraction='estimate'; with "
+                f"flag_fraction={flag_fraction!r} leave it None"
+            )
+        if flag_fraction is not None and self.estimate is None:
             ok = isinstance(flag_fraction, int | float) and not isinstance(flag_fraction, bool)
             if not ok or not 0.0 < flag_fraction <= 1.0:
-                raise ValueError(f"flag_fraction must be None or in (0, 1], got {flag_fraction!r}")
+                raise ValueError(
+                    f"flag_fraction must be None, 'estimate' or in (0, 1], got {flag_fraction!r}"
+                )
             flag_fraction = float(flag_fraction)
         self.flag_fraction = flag_fraction
         self._reset_results()
@@ -356,6 +382,13 @@ class LabelAudit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             find_callback(trainer, TrainingDynamics, needed_by="LabelAudit")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.estimate is None:
+            return
+        value = self.estimate.refresh(trainer, who="LabelAudit(flag_fraction='estimate')")
+        if value is not None:
+            pl_module.log(NOISE_RATE_KEY, value, on_step=False, on_epoch=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_indexed_training_set(trainer, "LabelAudit")
@@ -415,7 +448,17 @@ class LabelAudit(Callback):
         noise_mask, clean_targets = known_noise_info(trainer, dataset, n)
 
         fraction = self.flag_fraction
-        if fraction is None:
+        if self.estimate is not None:
+            # The losses of the last epoch count too when it is within the window (a run
+            # shorter than estimate_until + 2 epochs).
+            fraction = self.estimate.refresh_from(store, int(trainer.current_epoch))
+            if fraction is None:
+                raise RuntimeError(
+                    "LabelAudit(flag_fraction='estimate') found no epoch of losses to estimate "
+                    "the noise rate from (did training run an epoch?)"
+                )
+            fraction = max(fraction, 1.0 / max(1, self.ranking.numel()))
+        elif fraction is None:
             known = noise_mask is not None and self.ranking.numel() > 0
             fraction = (
                 float(noise_mask[self.ranking].float().mean()) if known else _DEFAULT_FLAG_FRACTION
@@ -651,8 +694,11 @@ class LabelAudit(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         # The audit runs once at the end of fit from the TrainingDynamics store (which that
-        # callback checkpoints), so only the hyperparameters are saved, for inspection.
+        # callback checkpoints), so only the hyperparameters are saved, for inspection, and
+        # the noise-rate estimate when there is one (fitted on losses the store no longer has).
+        extra = {} if self.estimate is None else {"estimate": self.estimate.state_dict()}
         return {
+            **extra,
             "score": self.score,
             "top_k": self.top_k,
             "output_dir": self.output_dir,
@@ -662,5 +708,6 @@ class LabelAudit(Callback):
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        # Nothing to restore: the constructor's hyperparameters win (they are the state_key).
-        return None
+        # Only the estimate: the constructor's hyperparameters win (they are the state_key).
+        if self.estimate is not None and "estimate" in state_dict:
+            self.estimate.load_state_dict(state_dict["estimate"])

@@ -30,6 +30,15 @@ from torch import Tensor
 
 from lightning_noise._validate import check_int
 from lightning_noise.callbacks.policy import SamplePolicyCallback
+from lightning_noise.dynamics import TrainingDynamics
+from lightning_noise.dynamics.noise_rate import (
+    ESTIMATE,
+    NOISE_RATE_KEY,
+    NoiseRateEstimate,
+    default_estimate_until,
+    estimated_forget_rate,
+    needs_dynamics_message,
+)
 from lightning_noise.functional.selection import (
     AdaptiveKState,
     adaptive_k_threshold,
@@ -40,7 +49,7 @@ from lightning_noise.functional.selection import (
     num_kept,
     small_loss_mask,
 )
-from lightning_noise.types import SampleBatch
+from lightning_noise.types import SampleBatch, find_callback
 
 __all__ = [
     "AdaptiveK",
@@ -108,17 +117,31 @@ class SmallLossSelection(SamplePolicyCallback):
 
     def __init__(
         self,
-        forget_rate: float,
+        forget_rate: float | str,
         num_gradual: int = 10,
         exponent: float = 1.0,
         schedule_offset: int = 0,
+        estimate_until: int | None = None,
     ) -> None:
         super().__init__()
-        check_schedule(forget_rate, num_gradual, exponent)
-        self.forget_rate = float(forget_rate)
+        estimated = forget_rate == ESTIMATE
+        check_schedule(0.0 if estimated else forget_rate, num_gradual, exponent)
+        self.forget_rate: float | str = ESTIMATE if estimated else float(forget_rate)
         self.num_gradual = num_gradual
         self.exponent = float(exponent)
         self.schedule_offset = check_schedule_offset(schedule_offset)
+        #: The noise-rate estimate behind ``forget_rate="estimate"`` (``None`` otherwise).
+        self.estimate: NoiseRateEstimate | None = None
+        if estimated:
+            until = default_estimate_until(num_gradual, self.schedule_offset)
+            if estimate_until is not None:
+                until = check_int("estimate_until", estimate_until, minimum=0)
+            self.estimate = NoiseRateEstimate(until=until)
+        elif estimate_until is not None:
+            raise ValueError(
+                f"estimate_until={estimate_until!r} is for forget_rate='estimate'; with "
+                f"forget_rate={forget_rate!r} leave it None"
+            )
 
     @property
     def state_key(self) -> str:
@@ -131,11 +154,20 @@ class SmallLossSelection(SamplePolicyCallback):
             **extra,
         )
 
+    @property
+    def final_forget_rate(self) -> float:
+        """``tau``: ``forget_rate``, or with ``"estimate"`` the current estimate (0 before it
+        exists, at most ``MAX_ESTIMATED_RATE``)."""
+        if self.estimate is None:
+            return float(self.forget_rate)
+        return estimated_forget_rate(self.estimate.value)
+
     def forget_rate_at(self, epoch: int) -> float:
-        """The fraction of each mini-batch dropped at 0-based ``epoch``."""
+        """The fraction of each mini-batch dropped at 0-based ``epoch`` (with
+        ``forget_rate="estimate"``: the schedule towards the current estimate)."""
         return coteaching_forget_rate(
             epoch,
-            forget_rate=self.forget_rate,
+            forget_rate=self.final_forget_rate,
             num_gradual=self.num_gradual,
             exponent=self.exponent,
             schedule_offset=self.schedule_offset,
@@ -151,6 +183,29 @@ class SmallLossSelection(SamplePolicyCallback):
         )
         keep = small_loss_mask(batch.loss, num_kept(len(batch), rate))
         return keep.float()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.estimate is not None:
+            if find_callback(trainer, TrainingDynamics) is None:
+                raise RuntimeError(
+                    needs_dynamics_message("SmallLossSelection(forget_rate='estimate')")
+                )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.estimate is None:
+            return
+        value = self.estimate.refresh(trainer, who="SmallLossSelection(forget_rate='estimate')")
+        if value is not None:
+            pl_module.log(NOISE_RATE_KEY, value, on_step=False, on_epoch=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.estimate is None else {"estimate": self.estimate.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if self.estimate is not None and "estimate" in state_dict:
+            self.estimate.load_state_dict(state_dict["estimate"])
 
 
 class AdaptiveK(SamplePolicyCallback):

@@ -6,7 +6,16 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from lightning_noise._validate import check_choice
+from lightning_noise._validate import check_choice, check_int
+from lightning_noise.dynamics import TrainingDynamics
+from lightning_noise.dynamics.noise_rate import (
+    ESTIMATE,
+    NOISE_RATE_KEY,
+    NoiseRateEstimate,
+    default_estimate_until,
+    estimated_forget_rate,
+    needs_dynamics_message,
+)
 from lightning_noise.functional.selection import check_schedule_offset
 from lightning_noise.mixins.coteaching import CoTeachingMixin
 from lightning_noise.models.classifier import (
@@ -16,8 +25,13 @@ from lightning_noise.models.classifier import (
     create_backbone,
 )
 from lightning_noise.models.sharding import shard_networks
+from lightning_noise.types import find_callback
 
 __all__ = ["CoTeachingClassifier"]
+
+_ESTIMATING = "CoTeachingClassifier(forget_rate='estimate')"
+#: The checkpoint entry of the estimate (a module's own key, beside its state_dict).
+_ESTIMATE_KEY = "coteaching_noise_rate_estimate"
 
 
 class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
@@ -40,7 +54,15 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
         ece_bins: as :class:`~lightning_noise.models.ImageClassifier`.
         forget_rate: tau, the final fraction dropped, in [0, 1); ``None`` takes the training
             set's realised noise rate at the start of training (the official default: the
-            true noise rate).
+            true noise rate, an oracle); ``"estimate"`` estimates it from the run itself
+            (needs :class:`~lightning_noise.dynamics.TrainingDynamics` among the callbacks):
+            at the start of each epoch a two-component Gaussian mixture is fitted to the
+            first network's per-sample losses of the previous epoch, and tau is the fraction
+            of samples in the high-loss component (DivideMix's mixture, Li et al. 2020;
+            :class:`~lightning_noise.dynamics.noise_rate.NoiseRateEstimate`). Refitted on the
+            losses of epochs 0 to ``estimate_until``, then frozen; logged as
+            ``noise_rate/estimate``; checkpointed. Until the first estimate (epoch 0) tau is
+            0, which the default schedule uses there anyway.
         num_gradual: T_k, the epochs of the linear ramp (official default 10).
         exponent: c in the ramp's ``tau ** c`` end point (official default 1).
         plus_start_epoch: epoch from which Co-teaching+ selects among disagreements
@@ -56,6 +78,9 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
             Co-teaching+ loss (cross-entropy of softmax probabilities, its dataset-index-0
             quirk, agreeing batches trained on only while ``epoch * batch_idx < 5000``); see
             :class:`~lightning_noise.mixins.CoTeachingMixin`.
+        estimate_until: with ``forget_rate="estimate"``, the last epoch (0-based) whose losses
+            are fitted; ``None``: ``num_gradual - 2 - schedule_offset`` (at least 0), so the
+            estimate is frozen where the ramp reaches its top.
     """
 
     def __init__(
@@ -69,22 +94,29 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
         scheduler: LRSchedulerCallable | None = None,
         ece_bins: int = 15,
         *,
-        forget_rate: float | None = None,
+        forget_rate: float | Literal["estimate"] | None = None,
         num_gradual: int = 10,
         exponent: float = 1.0,
         plus_start_epoch: int | None = None,
         predict_with: Literal["first", "ensemble"] = "first",
         schedule_offset: int = 0,
         plus_variant: Literal["paper", "official_code"] = "paper",
+        estimate_until: int | None = None,
     ) -> None:
         super().__init__(
             backbone, num_classes, in_chans, backbone_kwargs, criterion, optimizer, scheduler,
             ece_bins,
         )  # fmt: skip
-        if forget_rate is not None and (
-            isinstance(forget_rate, bool) or not 0.0 <= forget_rate < 1.0
+        estimated = forget_rate == ESTIMATE
+        if (
+            forget_rate is not None
+            and not estimated
+            and (isinstance(forget_rate, bool | str) or not 0.0 <= forget_rate < 1.0)
         ):
-            raise ValueError(f"forget_rate must be None or in [0, 1), got {forget_rate!r}")
+            raise ValueError(
+                f"forget_rate must be None (the training set's noise rate), 'estimate' (estimated "
+                f"from the run's losses) or a number in [0, 1), got {forget_rate!r}"
+            )
         if isinstance(num_gradual, bool) or not isinstance(num_gradual, int) or num_gradual < 1:
             raise ValueError(f"num_gradual must be an integer >= 1, got {num_gradual!r}")
         if isinstance(exponent, bool) or not exponent > 0:
@@ -100,6 +132,18 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
         self.schedule_offset = check_schedule_offset(schedule_offset)
         self.plus_variant = check_choice("plus_variant", plus_variant, ("paper", "official_code"))
         self.forget_rate = forget_rate  # type: ignore[assignment]  (resolved at train start)
+        #: The noise-rate estimate behind ``forget_rate="estimate"`` (``None`` otherwise).
+        self.noise_rate_estimate: NoiseRateEstimate | None = None
+        if estimated:
+            until = default_estimate_until(num_gradual, self.schedule_offset)
+            if estimate_until is not None:
+                until = check_int("estimate_until", estimate_until, minimum=0)
+            self.noise_rate_estimate = NoiseRateEstimate(until=until)
+        elif estimate_until is not None:
+            raise ValueError(
+                f"estimate_until={estimate_until!r} is for forget_rate='estimate'; with "
+                f"forget_rate={forget_rate!r} leave it None"
+            )
         self.num_gradual = num_gradual
         self.exponent = float(exponent)
         self.plus_start_epoch = plus_start_epoch
@@ -125,6 +169,11 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        if self.noise_rate_estimate is not None:
+            if find_callback(self.trainer, TrainingDynamics) is None:
+                raise RuntimeError(needs_dynamics_message(_ESTIMATING))
+            self.forget_rate = estimated_forget_rate(self.noise_rate_estimate.value)
+            return
         if self.hparams.forget_rate is not None:
             self.forget_rate = float(self.hparams.forget_rate)
             return
@@ -137,6 +186,25 @@ class CoTeachingClassifier(CoTeachingMixin, ImageClassifier):
                 "estimate of the noise rate)"
             )
         self.forget_rate = min(float(rate), 0.99)
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.noise_rate_estimate is None:
+            return
+        value = self.noise_rate_estimate.refresh(self.trainer, who=_ESTIMATING)
+        self.forget_rate = estimated_forget_rate(value)
+        if value is not None:
+            self.log(NOISE_RATE_KEY, value, on_step=False, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.noise_rate_estimate is not None:
+            checkpoint[_ESTIMATE_KEY] = self.noise_rate_estimate.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.noise_rate_estimate is not None and _ESTIMATE_KEY in checkpoint:
+            self.noise_rate_estimate.load_state_dict(checkpoint[_ESTIMATE_KEY])
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, target, index = self._unpack_train(batch)

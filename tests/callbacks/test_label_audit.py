@@ -274,7 +274,7 @@ def test_missing_training_dynamics_fails_before_training(tmp_path) -> None:
         ({"top_k": 0}, "top_k must be None or an integer >= 1, got 0"),
         ({"top_k": 2.5}, "top_k"),
         ({"top_k": True}, "top_k"),
-        ({"flag_fraction": 0.0}, r"flag_fraction must be None or in \(0, 1\], got 0.0"),
+        ({"flag_fraction": 0.0}, r"flag_fraction must be None, 'estimate' or in \(0, 1\], got 0.0"),
         ({"flag_fraction": 1.5}, "1.5"),
         ({"flag_fraction": "0.1"}, "flag_fraction"),
         ({"output_dir": 3}, "output_dir must be None or a path, got 3"),

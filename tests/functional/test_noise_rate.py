@@ -50,7 +50,7 @@ def test_fit_recovers_the_components_and_orders_them() -> None:
 def test_overlapping_components_posterior_vs_mean() -> None:
     # Wide, overlapping groups: each rule stays near the truth; the one rule the callers use
     # by default ("posterior") is the fraction on the high side of the 1/2 posterior.
-    loss = _mixture(6000, 0.4, seed=2, spread=0.7)
+    loss = _mixture(3000, 0.4, seed=2, spread=0.7)
     mixture = fit_loss_mixture(loss)
     by_post = estimate_noise_rate(loss)
     assert by_post == pytest.approx(float((mixture.posterior_high > 0.5).double().mean()))

@@ -117,8 +117,9 @@ def test_resume_is_exact_for_both_networks(tmp_path, plus) -> None:
 @pytest.mark.parametrize(
     "extra",
     [[], ["--model.init_args.plus_start_epoch=1", "--model.init_args.schedule_offset=1",
-          "--model.init_args.plus_variant=official_code"]],
-    ids=["co-teaching", "co-teaching+ official code"],
+          "--model.init_args.plus_variant=official_code"],
+     ["--model.init_args.forget_rate=estimate", "--trainer.max_epochs=2"]],
+    ids=["co-teaching", "co-teaching+ official code", "estimated forget rate"],
 )  # fmt: skip
 def test_recipe_runs_from_the_cli(tmp_path, extra) -> None:
     from lightning_noise.cli import build_cli
@@ -135,7 +136,13 @@ def test_recipe_runs_from_the_cli(tmp_path, extra) -> None:
     )  # fmt: skip
     assert isinstance(cli.model, CoTeachingClassifier)
     assert "coteaching/forget_rate" in cli.trainer.callback_metrics
-    if extra:  # epoch 0 counts as the official loop's epoch 1: Co-teaching+ and tau / 9
+    if "--model.init_args.forget_rate=estimate" in extra:  # fitted on epoch 0's losses
+        estimate = cli.model.noise_rate_estimate
+        assert estimate.fitted_epoch == 0 and cli.model.forget_rate == estimate.value
+        assert float(cli.trainer.callback_metrics["noise_rate/estimate"]) == pytest.approx(
+            estimate.value
+        )
+    elif extra:  # epoch 0 counts as the official loop's epoch 1: Co-teaching+ and tau / 9
         assert cli.model.plus_variant == "official_code" and cli.model.schedule_offset == 1
         rate = float(cli.trainer.callback_metrics["coteaching/forget_rate"])
         assert rate == pytest.approx(cli.model.forget_rate / 9)
