@@ -283,8 +283,8 @@ class LabelAudit(Callback):
             with ``threshold_samples=2`` judges them, as the official code's second run does.
         threshold_percentile: The percentile for ``threshold="auto"`` (paper: 99).
         estimate_until: With ``flag_fraction="estimate"``: the last epoch (0-based) whose
-            losses are fitted (default 2: before plain training memorises the noisy labels;
-            on digits the estimate is best from the first epochs' losses).
+            losses are fitted (default 2: early, before plain training memorises the noisy
+            labels; not tuned).
 
     Attributes set at the end of fit (on every rank): ``scores`` (``[N]`` suspicion, NaN if
     never seen), ``ranking`` (indices, most suspicious first), ``given_labels`` and
