@@ -20,6 +20,9 @@ Rows:
   of the full set, 2 warm-up epochs per round, 15 final epochs; its F1 is that of the
   removed samples. Its "best" is over the final run only (the earlier rounds' models are
   intermediate), and it trains for as many epochs as its schedule takes (``epochs`` column).
+  By default the final run keeps the rounds' optimizer (SGD ``--lr``, constant); ``--final-lr``
+  gives it its own SGD learning rate and ``--final-milestones`` a ``MultiStepLR`` (gamma 0.5)
+  over its epochs, as the paper's final run has (lr 0.02, milestones 10, 20, 40, 60, 80).
 
 Without the noise rate (``--forget-rate estimate``): Small-loss, Co-teaching and Co-teaching+
 take ``forget_rate="estimate"`` (a two-component Gaussian mixture on the per-sample losses of
@@ -200,6 +203,7 @@ METHODS: dict[str, Builder] = {
                 rounds_per_k=(2, 1, 1),
                 warmup_epochs=2,
                 final_epochs=a.final_epochs,
+                **_final_run(a),
             ),
         ],
         -1,
@@ -213,6 +217,26 @@ METHODS: dict[str, Builder] = {
     "NCE+MAE": _loss_row(lambda: NCEandMAE(alpha=1.0, beta=1.0)),
     "ELR": _loss_row(lambda: ELRLoss(beta=0.7, lam=3.0)),
 }
+
+
+def _final_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Late Stopping's ``final_optimizer`` / ``final_scheduler`` from ``--final-lr`` and
+    ``--final-milestones`` (none: the final run keeps the rounds' optimizer)."""
+    if args.final_lr is None:
+        return {}
+    milestones = args.final_milestones
+    return {
+        "final_optimizer": lambda p: torch.optim.SGD(
+            p, lr=args.final_lr, momentum=0.9, weight_decay=5e-4
+        ),
+        "final_scheduler": (
+            (lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones, gamma=0.5))
+            if milestones
+            else None
+        ),
+    }
+
+
 #: Rows run by default (the losses' rows on request: --methods).
 DEFAULT_METHODS = ["CE", "SAM", "Small-loss", "Co-teaching", "Co-teaching+", "Late Stopping"]
 
@@ -293,6 +317,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the fixed-length rows")
     parser.add_argument("--final-epochs", type=int, default=15, help="Late Stopping final run")
+    parser.add_argument(
+        "--final-lr",
+        type=float,
+        default=None,
+        help="SGD learning rate of Late Stopping's final run (default: the rounds' --lr)",
+    )
+    parser.add_argument(
+        "--final-milestones",
+        type=int,
+        nargs="*",
+        default=[],
+        help="epochs of Late Stopping's final run at which its LR halves (needs --final-lr)",
+    )
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -308,7 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks/robustness"))
     parser.add_argument("--no-record", action="store_true", help="do not append to results.csv")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.final_milestones and args.final_lr is None:
+        parser.error("--final-milestones needs --final-lr (the final run's own optimizer)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict]]]:
