@@ -13,7 +13,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_noise"
 
 #: Bottom to top; a part may import its own layer's parts and those below, never above.
 LAYERS: list[set[str]] = [
-    {"_validate", "_compat", "types", "kernels", "losses", "functional", "data", "metrics"},
+    {
+        "_validate",
+        "_compat",
+        "_ce_call",
+        "types",
+        "kernels",
+        "losses",
+        "functional",
+        "data",
+        "metrics",
+    },
     {"dynamics"},
     {"callbacks", "mixins"},
     {"models", "plots", "loggers"},
@@ -21,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"cli"},
 ]
 #: Parts that are torch-only: no Lightning import (the cores and the contracts).
-TORCH_ONLY = {"_validate", "_compat", "types", "kernels", "losses", "functional"}
+TORCH_ONLY = {"_validate", "_compat", "_ce_call", "types", "kernels", "losses", "functional"}
 
 
 def _module(path: Path) -> str:
