@@ -17,6 +17,7 @@ Lightning adapter.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -165,8 +166,10 @@ class SharpnessAwareMinimization:
         """
         device = grads[0].device
         scaled = [g if t is None else g * t for g, (_, t, _) in zip(grads, entries, strict=True)]
-        # ||T g||_2 over all parameters in one fused kernel per dtype, in float32 at least.
-        norms = [n.to(device) for n in torch._foreach_norm(scaled, 2, dtype=torch.float32)]
+        # ||T g||_2 over all parameters in one fused kernel per dtype, in float32 at least
+        # (float64 when a gradient is float64: precision="64-true" keeps its precision).
+        acc = functools.reduce(torch.promote_types, (g.dtype for g in scaled), torch.float32)
+        norms = [n.to(device) for n in torch._foreach_norm(scaled, 2, dtype=acc)]
         groups = self._groups()
         if not any(groups):
             grad_norm = torch.linalg.vector_norm(torch.stack(norms))

@@ -141,9 +141,10 @@ def reference_sam_run(
     mask_fn: Callable | None = None,
     autocast_dtype: torch.dtype | None = None,
     scaler_scale: float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     torch.manual_seed(0)
-    net = make_net(dropout)
+    net = make_net(dropout).to(dtype)
     opt = make_optimizer(net.parameters())
     loader = DataLoader(make_data(), batch_size=BATCH, shuffle=False)
     masks = None
@@ -157,6 +158,7 @@ def reference_sam_run(
     for step, (x, y) in enumerate(loader):
         if step == steps:
             break
+        x = x.to(dtype)
         opt.zero_grad()
         rng = torch.get_rng_state()
         loss = loss_of(x, y)
@@ -253,6 +255,14 @@ def test_second_pass_neither_logs_nor_updates_metrics() -> None:
 def test_bf16_mixed_matches_autocast_reference() -> None:
     module = fit([SAM(rho=0.05)], precision="bf16-mixed", steps=5)
     assert_same_state(module, reference_sam_run(0.05, steps=5, autocast_dtype=torch.bfloat16))
+
+
+def test_float64_matches_the_float64_reference() -> None:
+    """precision="64-true": the norm is accumulated in float64 (it once asked float32 of
+    float64 gradients and failed) and the run equals the reference to float64 rounding."""
+    module = fit([SAM(rho=0.05)], precision="64-true", steps=5)
+    assert all(p.dtype == torch.float64 for p in module.parameters())
+    assert_same_state(module, reference_sam_run(0.05, steps=5, dtype=torch.float64), atol=1e-12)
 
 
 def _fp16_plugin(init_scale: float = 2.0**8) -> MixedPrecision:
