@@ -65,11 +65,23 @@ def check_checkpoint_file(ckpt_path: str | Path) -> None:
     loading it with ``weights_only=False`` (which runs whatever code the file holds). Every
     checkpoint Lightning writes is a zip archive (``torch.save``'s format since torch 1.6); a
     file that is not one, or is cut short (the archive's directory is at its end), is refused
-    here before anything is built.
+    here before anything is built. A folder is accepted when it is a distributed checkpoint
+    (sharded runs save one by default), which the strategy loads.
     """
     if str(ckpt_path) in _CKPT_KEYWORDS or str(ckpt_path).startswith("registry:"):
         return
     path = Path(ckpt_path)
+    if path.is_dir():
+        # A distributed checkpoint (FSDP2 / ModelParallelStrategy with
+        # save_distributed_checkpoint=True): a folder of shards with torch.distributed
+        # checkpoint's metadata file, which the strategy loads shard by shard.
+        if (path / ".metadata").is_file():
+            return
+        raise ValueError(
+            f"--ckpt_path {str(path)!r} is a folder but not a distributed checkpoint (it has no "
+            "'.metadata' file): give a checkpoint file, or the folder a sharded run "
+            "(ModelParallelStrategy with save_distributed_checkpoint=True) saved"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"--ckpt_path {str(path)!r} not found: give the path of a checkpoint file (a run's "

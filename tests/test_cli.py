@@ -89,6 +89,20 @@ def test_fit_resumes_from_last_and_refuses_a_damaged_checkpoint(tmp_path) -> Non
     assert resumed["epoch"] == 1 and resumed["global_step"] == 4  # 2 batches an epoch
 
 
+def test_a_distributed_checkpoint_folder_is_accepted_and_any_other_folder_refused(tmp_path):
+    """Sharded runs save a folder (torch.distributed.checkpoint): the check lets it through to
+    the strategy; a folder without its metadata is refused naming the fix. (Resuming from
+    such a folder end to end: tests/test_fsdp.py, the slow CLI test.)"""
+    from lightning_noise.lightning_cli import check_checkpoint_file
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="is a folder but not a distributed checkpoint"):
+        check_checkpoint_file(folder)
+    (folder / ".metadata").write_bytes(b"")
+    check_checkpoint_file(folder)  # accepted: the strategy reads it
+
+
 def test_every_recipe_parses() -> None:
     """Each recipe is a valid config for the CLI (every value type-checked)."""
 

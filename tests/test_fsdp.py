@@ -474,6 +474,12 @@ class ShardProbe(pl.Callback):
         record = {"params": len(params), "sharded": sharded, "local": local, "total": total}
         torch.save(record, Path(self.out, f"probe_{trainer.global_rank}.pt"))
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lightning_noise.models.sharding import running_statistics
+
+        stats = [b.detach().cpu().clone() for b in running_statistics(pl_module)]
+        torch.save(stats, Path(self.out, f"stats_{trainer.global_rank}.pt"))
+
 
 def cli_main(out_dir: str) -> None:
     """The digits recipe with the SAM preset (rho 0.05) from ``lightning-noise fit``: 2 epochs
@@ -509,6 +515,14 @@ def cli_main(out_dir: str) -> None:
     torch.distributed.barrier()
     (first,) = (tmp / "fsdp").rglob("last.ckpt")
     main(fit_args("fsdp_resumed", 2, *fsdp, f"--ckpt_path={first}"))
+    torch.distributed.barrier()
+    # The strategy's own default: a distributed checkpoint (a folder of shards), resumed by
+    # the CLI from that folder (saving one file again).
+    dist = "--trainer.strategy.init_args.save_distributed_checkpoint=true"
+    main(fit_args("fsdp_dist", 1, *fsdp, dist))
+    torch.distributed.barrier()
+    (folder,) = (tmp / "fsdp_dist").rglob("last.ckpt")
+    main(fit_args("fsdp_dist_resumed", 2, *fsdp, f"--ckpt_path={folder}"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -594,7 +608,8 @@ def test_loss_and_batch_side_callbacks_under_fsdp2_equal_ddp(tmp_path) -> None:
 @pytest.mark.ddp
 def test_cli_fit_under_fsdp2_shards_equals_ddp_and_resumes(tmp_path) -> None:
     """``lightning-noise fit`` with configs/trainer/fsdp2_cpu.yaml: ImageClassifier shards
-    its backbone; one epoch, then resumed from last.ckpt, gives the DDP run's weights."""
+    its backbone; one epoch, then resumed from last.ckpt (a file, and a distributed
+    checkpoint's folder), gives the DDP run's weights."""
     from _ddp import run_ddp_script
 
     run_ddp_script(__file__, tmp_path, "cli", timeout=900)
@@ -603,6 +618,11 @@ def test_cli_fit_under_fsdp2_shards_equals_ddp_and_resumes(tmp_path) -> None:
         assert probe["sharded"] == probe["params"] > 0
         assert probe["local"] < 0.6 * probe["total"]
     assert probes[0]["local"] + probes[1]["local"] == probes[0]["total"]
+    # BatchNorm statistics are buffers, not sharded: every rank holds rank zero's (as DDP)
+    stats = [torch.load(tmp_path / f"stats_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert len(stats[0]) == len(stats[1]) > 0
+    for a, b in zip(*stats, strict=True):
+        assert torch.equal(a, b)
 
     def last(name: str) -> dict:
         (path,) = (tmp_path / name).rglob("last.ckpt")
@@ -616,6 +636,14 @@ def test_cli_fit_under_fsdp2_shards_equals_ddp_and_resumes(tmp_path) -> None:
                                    msg=name)  # fmt: skip
     weight = "backbone.fc.weight"  # the second epoch trained
     assert not torch.allclose(first["state_dict"][weight], resumed["state_dict"][weight])
+    # Resumed from the folder of a distributed checkpoint: the same weights again.
+    (folder,) = (tmp_path / "fsdp_dist").rglob("last.ckpt")
+    assert folder.is_dir() and (folder / ".metadata").is_file()
+    from_folder = last("fsdp_dist_resumed")
+    assert from_folder["global_step"] == 4
+    for name, value in ddp["state_dict"].items():
+        torch.testing.assert_close(from_folder["state_dict"][name], value, rtol=1e-4, atol=1e-5,
+                                   msg=name)  # fmt: skip
 
 
 @pytest.mark.slow

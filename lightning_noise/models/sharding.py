@@ -24,6 +24,14 @@ root (not the LightningModule): Co-teaching calls its two networks directly, nev
 module's ``forward``, and FSDP2 starts every forward at a root. The networks must therefore
 hold every parameter of the module; a parameter outside them (a criterion with learnable
 weights, say) would not be synchronised across ranks, and is refused with its name.
+
+**Running statistics.** FSDP2 shards parameters, not buffers: each rank would update its own
+BatchNorm running mean and variance from its own batches, so validation would run a
+different model on each rank and a distributed checkpoint (which writes each replicated
+tensor once, from whichever rank its planner picks) would mix ranks' statistics. DDP
+broadcasts rank zero's buffers before each forward; here, after each training forward of a
+network, its running statistics are broadcast from the mesh's rank zero (one broadcast per
+dtype), so every rank holds rank zero's statistics, as under DDP.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ import re
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["block_units", "fsdp2_mesh", "shard_networks"]
+__all__ = ["block_units", "fsdp2_mesh", "running_statistics", "shard_networks"]
 
 #: Names of the top-level children whose children are the network's repeated blocks.
 BLOCK_CONTAINERS = re.compile(r"blocks|stages|layers|layer\d+")
@@ -65,6 +75,47 @@ def block_units(network: nn.Module) -> list[nn.Module]:
     if containers:
         return [block for c in containers for block in c.children() if _has_parameters(block)]
     return [child for child in network.children() if _has_parameters(child)]
+
+
+def running_statistics(network: nn.Module) -> list[Tensor]:
+    """The buffers a training forward updates: the running mean, variance and batch count of
+    each BatchNorm / InstanceNorm that tracks running statistics."""
+    return [
+        buffer
+        for m in network.modules()
+        if isinstance(m, _NormBase) and m.track_running_stats
+        for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buffer is not None
+    ]
+
+
+def _sync_running_statistics(network: nn.Module, mesh: object) -> None:
+    """After each training forward of ``network``, broadcast its running statistics from the
+    mesh's rank zero (see the module docstring)."""
+    group = mesh.get_group()
+    if not running_statistics(network) or torch.distributed.get_world_size(group) == 1:
+        return
+    source = torch.distributed.get_global_rank(group, 0)
+
+    @torch.compiler.disable  # a collective between the compiled pieces, not traced
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if not module.training:
+            return
+        # Looked up at each call: moving the model to its device replaces the buffers.
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for buffer in running_statistics(module):
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        with torch.no_grad():
+            for buffers in by_dtype.values():
+                flat = torch.cat([b.reshape(-1) for b in buffers])
+                torch.distributed.broadcast(flat, src=source, group=group)
+                # Through .data: the batch-norm node saved these buffers for its backward (it
+                # reads them only in eval mode), and an in-place write to the tensors
+                # themselves would bump their version and fail that backward.
+                for b, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+                    b.data.copy_(part.view_as(b))
+
+    network.register_forward_hook(hook)
 
 
 def fsdp2_mesh(module: pl.LightningModule) -> object | None:
@@ -121,4 +172,5 @@ def shard_networks(module: pl.LightningModule, networks: Sequence[nn.Module]) ->
         for block in block_units(net):
             fully_shard(block, mesh=mesh)
         fully_shard(net, mesh=mesh)
+        _sync_running_statistics(net, mesh)
     return True
