@@ -162,6 +162,7 @@ def _coteaching(args: argparse.Namespace, plus: bool) -> CoTeachingClassifier:
         forget_rate="estimate" if _estimated(args) else None,
         num_gradual=10,
         plus_start_epoch=5 if plus else None,
+        estimate_until=args.estimate_until if _estimated(args) else None,
     )
 
 
@@ -188,7 +189,11 @@ METHODS: dict[str, Builder] = {
         _classifier(a),
         [
             *_dynamics(a),
-            SmallLossSelection(forget_rate="estimate" if _estimated(a) else s.rate, num_gradual=10),
+            SmallLossSelection(
+                forget_rate="estimate" if _estimated(a) else s.rate,
+                num_gradual=10,
+                estimate_until=a.estimate_until if _estimated(a) else None,
+            ),
         ],
         a.epochs,
     ),
@@ -342,6 +347,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="oracle",
         help="oracle: the true noise rate sets the forget rates and the audit's budget; "
         "estimate: estimated from each run's own losses (no oracle)",
+    )
+    parser.add_argument(
+        "--estimate-until",
+        type=int,
+        default=None,
+        help="with --forget-rate estimate: the last epoch whose losses the estimate is fitted "
+        "on (default: the library's)",
     )
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks/robustness"))
     parser.add_argument("--no-record", action="store_true", help="do not append to results.csv")

@@ -9,6 +9,10 @@ epoch ``e`` it fits a two-component Gaussian mixture to the losses of epoch ``e 
 :func:`~lightning_noise.functional.noise_rate.estimate_noise_rate`) and keeps the fraction of
 samples in the high-loss component. It refits up to the losses of epoch ``until`` and is
 frozen after, before the network memorises the noisy labels (whose losses then fall too).
+By default the estimate is the *largest* fit so far: memorisation only ever lowers the
+high-loss share, and once a method trusts a too-small estimate its network memorises more,
+which lowers the next fit further (measured on digits: Co-teaching's fits at 40% symmetric
+noise went 0.27, 0.35, 0.27, then 0.03 from the fourth epoch on; RESULTS.md).
 
 It is the state the methods hold (``forget_rate="estimate"``, ``flag_fraction="estimate"``),
 trainer-free except for :meth:`refresh`, which finds the ``TrainingDynamics`` callback. Every
@@ -32,6 +36,7 @@ from lightning_noise.types import find_callback
 
 __all__ = [
     "ESTIMATE",
+    "KEEP_RULES",
     "MAX_ESTIMATED_RATE",
     "NOISE_RATE_KEY",
     "NoiseRateEstimate",
@@ -45,6 +50,9 @@ ESTIMATE = "estimate"
 
 #: The name the estimate is logged under (each epoch, once it exists).
 NOISE_RATE_KEY = "noise_rate/estimate"
+
+#: What :class:`NoiseRateEstimate` keeps of its fits: the largest so far, or the latest.
+KEEP_RULES = ("max", "last")
 
 #: A forget rate must stay below 1: an estimate is used up to this value.
 MAX_ESTIMATED_RATE = 0.99
@@ -86,7 +94,9 @@ class NoiseRateEstimate:
 
     Call :meth:`refresh` at the start of every training epoch ``e``: while ``e - 1 <=
     until`` it refits on the losses recorded in epoch ``e - 1`` (the store holds each
-    sample's latest loss, so these are exactly the previous epoch's), else it keeps the value.
+    sample's latest loss, so these are exactly the previous epoch's) and keeps the largest
+    fit so far (``keep="max"``) or the latest (``keep="last"``); after ``until`` it keeps
+    the value.
     Before the first fit (epoch 0) :attr:`value` is ``None``. A refit happens once per epoch
     (:attr:`fitted_epoch`), so resuming from a checkpoint taken in the middle of an epoch
     keeps the estimate that epoch started with.
@@ -96,6 +106,8 @@ class NoiseRateEstimate:
             epoch ``until + 1`` on is frozen.
         rule: ``"posterior"`` (the fraction of samples whose posterior of the high-loss
             component exceeds 1/2) or ``"mean"`` (the mean posterior).
+        keep: ``"max"`` (default: the largest fit so far, see the module docstring) or
+            ``"last"`` (the latest fit).
 
     Example:
         >>> from lightning_noise.types import SampleBatch
@@ -108,13 +120,16 @@ class NoiseRateEstimate:
         (0.3, 0)
     """
 
-    def __init__(self, *, until: int, rule: str = "posterior") -> None:
+    def __init__(self, *, until: int, rule: str = "posterior", keep: str = "max") -> None:
         self.until = check_int("until", until, minimum=0)
         self.rule = check_choice("rule", rule, ESTIMATE_RULES)
+        self.keep = check_choice("keep", keep, KEEP_RULES)
         #: The estimated noise rate, ``None`` before the first fit.
         self.value: float | None = None
-        #: The epoch whose losses gave :attr:`value` (-1: none yet).
+        #: The last epoch whose losses were fitted (-1: none yet).
         self.fitted_epoch = -1
+        #: The latest fit (equal to :attr:`value` under ``keep="last"``).
+        self.last_fit: float | None = None
 
     def refresh_from(self, store: DynamicsStore, epoch: int) -> float | None:
         """At the start of training epoch ``epoch``: refit on epoch ``epoch - 1``'s losses if
@@ -123,7 +138,10 @@ class NoiseRateEstimate:
         if 0 <= source <= self.until and source > self.fitted_epoch:
             losses = store.losses_of_epoch(source)
             if int(torch.isfinite(losses).sum()) >= 2:
-                self.value = store.estimate_noise_rate(source, rule=self.rule)
+                fit = store.estimate_noise_rate(source, rule=self.rule)
+                self.last_fit = fit
+                keep_max = self.keep == "max" and self.value is not None
+                self.value = max(self.value, fit) if keep_max else fit
                 self.fitted_epoch = source
         return self.value
 
@@ -139,7 +157,9 @@ class NoiseRateEstimate:
     def state_dict(self) -> dict[str, Any]:
         return {
             "value": math.nan if self.value is None else float(self.value),
+            "last_fit": math.nan if self.last_fit is None else float(self.last_fit),
             "fitted_epoch": int(self.fitted_epoch),
+            "keep": self.keep,
             "until": self.until,
             "rule": self.rule,
         }
@@ -147,10 +167,13 @@ class NoiseRateEstimate:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         value = float(state.get("value", math.nan))
         self.value = None if math.isnan(value) else value
+        last_fit = float(state.get("last_fit", value))
+        self.last_fit = None if math.isnan(last_fit) else last_fit
         self.fitted_epoch = int(state.get("fitted_epoch", -1))
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(until={self.until}, rule={self.rule!r}, value={self.value}, "
+            f"{type(self).__name__}(until={self.until}, rule={self.rule!r}, keep={self.keep!r}, "
+            f"value={self.value}, "
             f"fitted_epoch={self.fitted_epoch})"
         )

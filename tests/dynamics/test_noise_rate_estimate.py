@@ -36,6 +36,24 @@ def _record(store: DynamicsStore, epoch: int, n_high: int) -> torch.Tensor:
     return loss
 
 
+def test_the_largest_fit_is_kept_by_default_and_the_latest_on_request() -> None:
+    """Memorisation lowers later fits (60 -> 20 -> 40 high losses of 200): ``keep="max"``
+    keeps 60/200, ``keep="last"`` follows the fits; both stop at ``until``."""
+    store = DynamicsStore(200)
+    kept, latest = NoiseRateEstimate(until=2), NoiseRateEstimate(until=2, keep="last")
+    seen = []
+    for epoch, n_high in enumerate([60, 20, 40, 100]):
+        _record(store, epoch, n_high)
+        seen.append((kept.refresh_from(store, epoch + 1), latest.refresh_from(store, epoch + 1)))
+    assert seen == [(0.3, 0.3), (0.3, 0.1), (0.3, 0.2), (0.3, 0.2)]
+    assert (kept.last_fit, kept.fitted_epoch) == (0.2, 2)
+    restored = NoiseRateEstimate(until=2)
+    restored.load_state_dict(kept.state_dict())
+    assert (restored.value, restored.last_fit) == (0.3, 0.2)
+    with pytest.raises(ValueError, match="keep"):
+        NoiseRateEstimate(until=2, keep="mean")
+
+
 def test_estimate_is_refitted_once_per_epoch_up_to_until_then_frozen() -> None:
     store = DynamicsStore(200)
     estimate = NoiseRateEstimate(until=1)
