@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+
+import pytest
 
 # Where the kernel tests run: "cpu" (the default) in Triton's interpreter, or "cuda" compiled
 # for the GPU (benchmarks/gpu_check.sh; tests/kernels/conftest.py moves the kernels' inputs).
@@ -22,3 +25,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import matplotlib  # noqa: E402 (after the environment above, on purpose)
 
 matplotlib.use("Agg")
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path():
+    """Each test leaves ``sys.path`` as it found it: a benchmark script loaded by a test puts
+    ``benchmarks/`` there, whose ``kernels.py`` then shadows the ``kernels`` package that
+    transformers looks for (tests/_bench.py)."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved

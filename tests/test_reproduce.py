@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bench import import_benchmark
 
 from lightning_noise.recipes import find_recipe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import common
-import reproduce
+reproduce = import_benchmark("reproduce")
+common = sys.modules["common"]
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,14 +16,10 @@ The full benchmark (16x16, resnet10t, 3 seeds, 4 noise settings) is in
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from _bench import import_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import robustness
+robustness = import_benchmark("robustness")
 
 #: Points of test accuracy by which each method must beat CE's last epoch (Late Stopping,
 #: measured at seeds 0-2: 35, 24, 34).
