@@ -26,8 +26,8 @@ Rows:
 
 Without the noise rate (``--forget-rate estimate``): Small-loss, Co-teaching and Co-teaching+
 take ``forget_rate="estimate"`` (a two-component Gaussian mixture on the per-sample losses of
-the early epochs, DivideMix's, refitted each epoch until the ramp ends; ``TrainingDynamics``
-records the losses) and CE's label audit flags the estimated fraction
+the early epochs, DivideMix's, refitted each epoch until the ramp ends, the largest fit kept;
+``TrainingDynamics`` records the losses) and CE's label audit flags the estimated fraction
 (``flag_fraction="estimate"``) instead of the realised noise rate; the rows are recorded as
 ``<method> (estimated rate)`` and print the estimate beside the true rate. Late Stopping's
 rate still comes from the noise rate (its card says why).

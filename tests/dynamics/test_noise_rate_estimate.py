@@ -186,9 +186,8 @@ def test_coteaching_estimate_is_used_logged_and_resumed_exactly(tmp_path) -> Non
 
 # ----------------------------------------------------- against the oracle, on noisy digits
 def _digits_run(root: Path, model: pl.LightningModule, callbacks: list, rate: float = 0.4):
-    # benchmarks/robustness.py's data at 8 px, 10 epochs: the estimate needs the losses of the
-    # ramp's later epochs (measured: fitted on epochs 0-3 only it came out at 0.05-0.18 for a
-    # true 0.40; RESULTS.md, "Without the noise rate").
+    # benchmarks/robustness.py's data at 8 px, 10 epochs (RESULTS.md, "Without the noise
+    # rate").
     dm = DigitsDataModule(
         noise=LabelNoise(rate=rate), image_size=8, channels=3, batch_size=64, seed=0
     )
@@ -233,12 +232,14 @@ def test_small_loss_selection_and_audit_take_their_estimates_on_digits(tmp_path)
     dm, trainer = _digits_run(tmp_path, model, [selection, audit])
     true_rate = dm.train_dataset.noise_rate
     assert selection.estimate.fitted_epoch == 8 and audit.estimate.fitted_epoch == 2
-    # One network selecting for itself: measured 0.020 here for a true 0.403 (it memorises
-    # the noisy labels while tau is still small, so their losses never stand apart; Co-teaching
-    # above keeps them apart). Documented in the card; only the mechanics are asserted.
-    assert 0 < selection.final_forget_rate < true_rate
+    # One network selecting for itself: measured 0.351 here for a true 0.403 (its latest fit
+    # fell to 0.198 as it memorised; the largest fit is kept; keeping the latest, the first
+    # estimator ended at 0.020).
+    assert true_rate - 0.1 < selection.final_forget_rate < true_rate
+    assert selection.estimate.last_fit < selection.estimate.value
     assert selection.final_forget_rate == selection.estimate.value
-    # The audit flags the fraction it estimated (its early window is not tuned).
-    assert 0 < audit.estimate.value < 1
+    # The audit flags the fraction it estimated (measured 0.351: precision 0.993, recall 0.864).
+    assert true_rate - 0.1 < audit.estimate.value < true_rate + 0.1
+    assert audit.detection["precision"] > 0.9
     assert audit.detection["flag_fraction"] == pytest.approx(audit.estimate.value, abs=0.01)
     assert "noise_rate/estimate" in trainer.callback_metrics
