@@ -179,6 +179,7 @@ def _steps_per_epoch(devices: int = 1) -> int:
     return math.ceil(len(data.train_dataset) / devices / BATCH)
 
 
+@pytest.mark.slow  # 41 s; the SAM case (killed and resumed mid-epoch) stays in the default suite
 def test_baseline_recipe_survives_sigkill(tmp_path) -> None:
     """Step checkpoints that fall on an epoch's last batch (every 13 steps, 13 an epoch).
 
@@ -207,6 +208,7 @@ def test_small_loss_selection_survives_sigkill(tmp_path) -> None:
     _crash_and_compare(tmp_path, "digits_small_loss")
 
 
+@pytest.mark.slow  # 48 s; the SAM case stays in the default suite
 def test_late_stopping_survives_sigkills_around_a_round_switch(tmp_path) -> None:
     """One run resumed from before the switch to round 2, one from inside round 2.
 
