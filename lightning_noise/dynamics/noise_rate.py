@@ -174,6 +174,5 @@ class NoiseRateEstimate:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(until={self.until}, rule={self.rule!r}, keep={self.keep!r}, "
-            f"value={self.value}, "
-            f"fitted_epoch={self.fitted_epoch})"
+            f"value={self.value}, fitted_epoch={self.fitted_epoch})"
         )

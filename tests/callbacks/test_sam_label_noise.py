@@ -7,20 +7,15 @@ the same run as ``python benchmarks/noisy_digits.py --methods plain SAM --rho 0.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "noisy_digits.py"
+from _bench import import_benchmark
 
 
 @pytest.mark.slow
 def test_sam_beats_plain_training_under_label_noise(tmp_path) -> None:
-    spec = importlib.util.spec_from_file_location("noisy_digits", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_benchmark("noisy_digits")
     results = module.main(
         ["--methods", "plain", "SAM", "--rho", "0.5", "--seeds", "0", "1", "2",
          "--root", str(tmp_path), "--no-record"]

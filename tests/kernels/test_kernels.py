@@ -515,17 +515,11 @@ def test_interpreter_set_after_triton_import_fails_clearly() -> None:
 
 
 def _benchmark_module():
-    """``benchmarks/kernels.py`` loaded as a module (it is a script, not a package)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    """``benchmarks/kernels.py`` loaded as a module (it is a script, not a package), under a
+    name that does not shadow the ``kernels`` package (tests/_bench.py)."""
+    from _bench import import_benchmark
 
-    folder = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(folder))  # for its `common` helper
-    spec = importlib.util.spec_from_file_location("bench_kernels", folder / "kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return import_benchmark("kernels", module_name="bench_kernels")
 
 
 def test_cpu_benchmark_checks_and_measures_memory() -> None:
